@@ -1,0 +1,1565 @@
+"""MT-CP in one file: multi-task dense prediction with coherence fusion, trace-back and loss prioritization.
+
+Paper: M. Fontana, M. Spratling, M. Shi, "Optimizing Dense Visual Predictions Through Multi-Task Coherence
+and Prioritization", WACV 2025 (arXiv 2412.03179). The method is reconstructed from the paper's abstract and
+architecture figure and from the authors' released code; where that code contradicts the paper's stated
+intent we follow the intent, and every deliberate difference is marked `# NOTE(repro):` (README lists them).
+
+This file holds the whole method: a timm backbone with an FPN neck, one Swin decoder per task, the Coherence
+Fusion Module (CFM) that lets each task attend to the others, the trace-back through Spatial Refinement
+Modules (SRM), the task losses, the Loss Prioritization Scheme (LPS) with three baseline balancers, the
+benchmark metrics, and the train / evaluate / predict / benchmark programs, with DDP through torchrun.
+The data readers and the built-in toy dataset live in data.py.
+
+Run it:
+    python mtcp.py                                        # toy data (written on first use), CPU or 1 GPU
+    python mtcp.py --dataset nyud --data-root data/NYUD_MT --pretrained         # one GPU
+    torchrun --standalone --nproc_per_node=4 mtcp.py --dataset pascal --data-root data/PASCAL_MT --pretrained
+    python mtcp.py --eval-only runs/toy/checkpoint.pt     # evaluate a checkpoint
+    python mtcp.py --resume --out-dir runs/toy            # continue from runs/toy/checkpoint.pt
+    python mtcp.py --predict my_photos/ --checkpoint runs/toy/checkpoint.pt    # your own images
+    python mtcp.py --benchmark --dataset nyud             # speed and memory of one training step
+
+Paper -> code:
+    Fig. 2 backbone (Mask2Former Swin-S)      -> Backbone (timm features_only + FPN neck; SPEC 2.1)
+    Fig. 2 task-specific decoders             -> TaskDecoder (3 Swin stages + FPN)
+    coherence fusion (CFM)                    -> CoherenceFusion (global attention through SDPA)
+    trace-back, spatial refinement (SRM)      -> TraceBack, SpatialRefinement
+    initial / intermediate / final outputs    -> MTCP.forward returns (preds, aux)
+    dynamic task balancing (LPS)              -> LossPrioritization; baselines Equal, Uncertainty, DWA
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerStage
+
+import data
+
+# ---------------------------------------------------------------------------------------------------------
+# Dataset facts and paper defaults (SPEC 1 and 5)
+
+DATASETS = {
+    # NYUD-v2, NYUD_MT archive: 795 train / 654 val images at 480x640. Recipe of the released code (SPEC 5).
+    "nyud": dict(tasks={"semseg": 40, "depth": 1, "normals": 3}, img_size=(480, 640), lps_spread=7.5,
+                 backbone="swin_small_patch4_window7_224.ms_in22k_ft_in1k", dim=256,
+                 epochs=100, batch_size=2, lr=5e-5),
+    # PASCAL-Context, PASCAL_MT archive: 4998 train / 5105 val images, longest side <= 500.
+    "pascal": dict(tasks={"semseg": 21, "human_parts": 7, "sal": 1}, img_size=(512, 512), lps_spread=1.6,
+                   backbone="swin_small_patch4_window7_224.ms_in22k_ft_in1k", dim=256,
+                   epochs=100, batch_size=2, lr=5e-5),
+    # The built-in toy rooms (data.make_toy, NYUD layout): small enough to train on a laptop CPU in minutes.
+    "toy": dict(tasks={"semseg": len(data.TOY_CLASSES), "depth": 1, "normals": 3}, img_size=(96, 128),
+                lps_spread=7.5, backbone="resnet18", dim=32, epochs=12, batch_size=16, lr=2e-3,
+                toy_data=dict(n_train=320, n_val=80, size=(120, 160))),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks: CBAM, FPN, prediction head
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., ECCV 2018), used inside the CFM and the SRM.
+
+    A channel gate, then a spatial gate (SPEC 2.2):
+        channel: x * sigmoid(MLP(avgpool(x)) + MLP(maxpool(x))), the MLP shared, hidden width C / reduction
+        spatial: x * sigmoid(BN(conv7x7([max_c(x), mean_c(x)])))
+
+    Args:
+        channels: C, the input and output channels.
+        reduction: channel reduction of the shared MLP.
+        kernel_size: size of the spatial gate's convolution.
+
+    Shapes: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, *, channels: int, reduction: int = 16, kernel_size: int = 7):
+        super().__init__()
+        hidden = max(channels // reduction, 1)
+        self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
+        self.spatial = nn.Sequential(nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False),
+                                     nn.BatchNorm2d(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True))  # (B, C, 1, 1)
+        x = x * torch.sigmoid(gate)
+        pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)  # (B, 2, H, W)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
+class FPN(nn.Module):
+    """Feature pyramid (Lin et al., CVPR 2017) that merges several strides into the finest one.
+
+    Used twice (SPEC 2): as the neck over the backbone stages (-> the shared map R) and inside every task
+    decoder over its three Swin stages (-> X_t). Top-down: y = lateral_i(f_i) + upsample(y), then a 3x3 conv.
+
+    Args:
+        in_channels: channels of each input level, finest first.
+        dim: output channels D.
+
+    Shapes: list of (B, C_i, H_i, W_i), finest first -> (B, D, H_0, W_0).
+    """
+
+    def __init__(self, *, in_channels: list[int], dim: int):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
+        self.smooth = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1, bias=False), nn.BatchNorm2d(dim),
+                                    nn.ReLU(inplace=True))
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        y = self.lateral[-1](feats[-1])
+        for lateral, f in zip(self.lateral[-2::-1], feats[-2::-1]):
+            y = lateral(f) + F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False)  # (B, D, H_i, W_i)
+        return self.smooth(y)
+
+
+class Head(nn.Sequential):
+    """Prediction head (SPEC 2.4): 1x1 conv, BN, ReLU, 1x1 conv to the task's channels.
+
+    Outputs are raw: logits for semseg / human_parts / sal, metres for depth, unnormalised 3-vectors for
+    normals (normalised in the loss and the metric). Shapes: (B, D, h, w) -> (B, out_channels, h, w).
+    """
+
+    def __init__(self, *, dim: int, out_channels: int):
+        super().__init__(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
+                         nn.Conv2d(dim, out_channels, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backbone and neck (SPEC 2.1)
+
+def load_backbone_weights(body: nn.Module, path: str) -> None:
+    """Copies a timm state dict of the same architecture (e.g. the model.safetensors or pytorch_model.bin of
+    its timm hub repository) into a `features_only` backbone. Strict: a missing key or a shape mismatch raises.
+
+    timm's own file loading is not strict for features_only models, which is how pretrained weights get
+    silently lost (SPEC 7); so the check is done here. Keys the backbone does not have (the classifier, the
+    final norm) are ignored; feature wrappers spell `layers.0` as `layers_0`, so both spellings are accepted.
+    """
+    try:
+        state = timm.models.load_state_dict(path)
+    except Exception as e:
+        raise RuntimeError(f"could not read backbone weights from {path}: {e}") from e
+    own = body.state_dict()
+    missing, mismatched = [], []
+    for key, value in own.items():
+        head, _, rest = key.partition(".")
+        source = key if key in state else head.replace("_", ".", 1) + "." + rest
+        if source not in state:
+            missing.append(key)
+        elif state[source].shape != value.shape:
+            mismatched.append(f"{key}: file {tuple(state[source].shape)} vs model {tuple(value.shape)}")
+        else:
+            own[key] = state[source]
+    if missing or mismatched:
+        raise RuntimeError(f"backbone weights in {path} do not match the model: {len(missing)} missing "
+                           f"(first: {missing[:5]}), {len(mismatched)} with another shape (first: {mismatched[:3]})")
+    body.load_state_dict(own)
+
+
+class Backbone(nn.Module):
+    """Any timm backbone with `features_only=True`, plus an FPN neck to a shared D-channel stride-4 map R.
+
+    NOTE(repro): the paper uses a Mask2Former Swin-S (ADE20K) and modulates its pixel-decoder map by the
+    query masks; this project uses a timm backbone and an FPN neck instead (SPEC 2.1, DECIDED).
+
+    Args:
+        name: timm model name; its stages are read from `feature_info`, never hard-coded.
+        dim: D, channels of R.
+        img_size: (H, W) the model is built for, a multiple of the backbone's stride (transformers fix their
+            patch grid and windows at build time).
+        pretrained: load timm's pretrained weights (from its local cache: main() forbids downloads).
+        weights: path of a local timm state dict to load instead, strictly.
+
+    Shapes: (B, 3, H, W) -> (B, D, H/4, W/4).
+    """
+
+    def __init__(self, *, name: str, dim: int, img_size: tuple[int, int], pretrained: bool = False,
+                 weights: str | None = None):
+        super().__init__()
+        try:  # transformers take the input size at build time; CNNs reject the keyword
+            self.body = timm.create_model(name, features_only=True, pretrained=pretrained, img_size=img_size)
+        except TypeError:
+            self.body = timm.create_model(name, features_only=True, pretrained=pretrained)
+        if weights:
+            load_backbone_weights(self.body, weights)
+        reductions, channels = self.body.feature_info.reduction(), self.body.feature_info.channels()
+        if 4 not in reductions:
+            raise ValueError(f"backbone {name} has no stride-4 feature level (strides {reductions})")
+        # Levels finer than stride 4 (a ResNet stem) are dropped: the neck starts at stride 4.
+        self.levels = [i for i, r in enumerate(reductions) if r >= 4]
+        self.stride = reductions[-1]
+        self.nhwc = getattr(self.body, "output_fmt", "NCHW") == "NHWC"  # timm Swin features are NHWC
+        self.neck = FPN(in_channels=[channels[i] for i in self.levels], dim=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.body(x)
+        feats = [feats[i].permute(0, 3, 1, 2) if self.nhwc else feats[i] for i in self.levels]  # (B, C_i, H/s_i, W/s_i)
+        return self.neck(feats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task decoder (SPEC 2, paper Fig. 2)
+
+class TaskDecoder(nn.Module):
+    """Task-specific decoder: three Swin stages (timm building blocks) over R, merged by an FPN.
+
+    Widths D, 2D, 4D at strides 4, 8, 16, depths (1, 2, 1), 2 heads, window 7 (SPEC 2). Stages 2 and 3
+    start with timm's patch merging (2x2 -> 2x channels).
+
+    Args:
+        dim: D.
+        feat_size: (H/4, W/4), the size of R; Swin blocks build their shifted-window masks for it.
+        depths, num_heads, window_size: the Swin stages' shape.
+
+    Shapes: R (B, D, H/4, W/4) -> ([D1 (B, D, H/4, W/4), D2 (B, 2D, H/8, W/8), D3 (B, 4D, H/16, W/16)],
+        X (B, D, H/4, W/4)).
+    """
+
+    def __init__(self, *, dim: int, feat_size: tuple[int, int], depths: tuple[int, ...] = (1, 2, 1),
+                 num_heads: int = 2, window_size: int = 7):
+        super().__init__()
+        widths = [dim * 2 ** i for i in range(len(depths))]
+        self.stages = nn.ModuleList()
+        size = feat_size
+        for i, depth in enumerate(depths):
+            # input_resolution is the stage's input; a downsampling stage halves it before its blocks
+            self.stages.append(SwinTransformerStage(dim=widths[max(i - 1, 0)], out_dim=widths[i], input_resolution=size,
+                                                    depth=depth, downsample=i > 0, num_heads=num_heads,
+                                                    window_size=window_size))
+            size = self.stages[-1].output_resolution
+        self.fpn = FPN(in_channels=widths, dim=dim)
+
+    def forward(self, r: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        x = r.permute(0, 2, 3, 1)  # (B, H/4, W/4, D): timm's Swin blocks are channels-last
+        feats = []
+        for stage in self.stages:
+            x = stage(x)  # (B, H/s, W/s, C_s)
+            feats.append(x.permute(0, 3, 1, 2))  # (B, C_s, H/s, W/s)
+        return feats, self.fpn(feats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Coherence Fusion Module (SPEC 2.2)
+
+def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, naive: bool = False) -> torch.Tensor:
+    """softmax(q k^T) v over all N positions, with NO 1/sqrt(d) scaling (as in the released code).
+
+    The released code materialises the N x N matrix (N = 19,200 at 480x640: 1.5 GB per image and task in
+    fp32). scaled_dot_product_attention gives the same result in O(N) memory. On CPU its flash kernel needs
+    v as wide as q, so v is zero-padded and the output sliced (SPEC 2.2: +0.31 GB instead of +4.35 GB).
+    `naive=True` is the materialised reference, for tests and the memory benchmark.
+
+    Shapes: q, k (B, N, Dq); v (B, N, Dv) -> (B, N, Dv).
+    """
+    if naive:
+        return torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v  # (B, N, N) @ (B, N, Dv)
+    dv = v.shape[-1]
+    if q.device.type == "cpu" and dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))  # (B, N, Dq)
+    # the fused kernels need a contiguous last dimension, else SDPA silently falls back to the N x N math
+    q, k, v = (t.contiguous()[:, None] for t in (q, k, v))  # (B, 1, N, D): one head
+    out = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, 1, N, D)
+    return out[:, 0, :, :dv]
+
+
+class CoherenceFusion(nn.Module):
+    """Coherence Fusion Module (CFM): task t attends over all positions with queries and keys made from
+    the other tasks' maps, so each prediction is informed by the others (paper: coherence fusion; SPEC 2.2).
+
+        S = BN(CBAM(X_t))                                        values
+        G_a = sigmoid(conv1x1(X_a)) * X_a;  U = ReLU(conv1x1(concat_a G_a))
+        Q = ReLU(BN(CBAM_q(U)));  K = ReLU(BN(CBAM_k(U)))
+        O = softmax(Q^T K) S^T;  C_t = BN(CBAM_o(O))
+
+    NOTE(repro): as in the released code, no 1/sqrt(d) scaling and no residual; Q and K are (T-1)*D wide
+    (the concatenation's width, 512 for three tasks). The attention runs through SDPA (O(N) memory).
+
+    Args:
+        dim: D, channels of X_t.
+        num_aux: number of other tasks (>= 1).
+
+    Shapes: x (B, D, h, w), others: num_aux x (B, D, h, w) -> (B, D, h, w).
+    """
+
+    def __init__(self, *, dim: int, num_aux: int):
+        super().__init__()
+        qk_dim = dim * num_aux
+        self.value = nn.Sequential(CBAM(channels=dim), nn.BatchNorm2d(dim))
+        self.gates = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in range(num_aux))
+        self.mix = nn.Sequential(nn.Conv2d(qk_dim, qk_dim, 1), nn.ReLU(inplace=True))
+        self.query = nn.Sequential(CBAM(channels=qk_dim), nn.BatchNorm2d(qk_dim), nn.ReLU(inplace=True))
+        self.key = nn.Sequential(CBAM(channels=qk_dim), nn.BatchNorm2d(qk_dim), nn.ReLU(inplace=True))
+        self.out = nn.Sequential(CBAM(channels=dim), nn.BatchNorm2d(dim))
+        self.naive_attention = False  # private switch for the memory benchmark: materialise the N x N matrix
+
+    def forward(self, x: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+        B, D, h, w = x.shape
+        u = self.mix(torch.cat([torch.sigmoid(gate(a)) * a for gate, a in zip(self.gates, others)], dim=1))  # (B, Dq, h, w)
+        q = self.query(u).flatten(2).transpose(1, 2)  # (B, N, Dq), N = h*w
+        k = self.key(u).flatten(2).transpose(1, 2)  # (B, N, Dq)
+        v = self.value(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        o = global_attention(q, k, v, naive=self.naive_attention)  # (B, N, D)
+        return self.out(o.transpose(1, 2).reshape(B, D, h, w))  # (B, D, h, w)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Spatial Refinement Module and trace-back (SPEC 2.3)
+
+class SpatialRefinement(nn.Module):
+    """Spatial Refinement Module (SRM): refines a coarse map p with a decoder feature b of another stride.
+
+        p' = resize(CBAM(p), size of b);  Z = concat(p', CBAM(b))
+        p_out = ReLU(BN(conv1x1(Z -> D)))          to a prediction head
+        b_out = ReLU(BN(conv1x1(Z -> C_b)))        carried to the next SRM
+
+    Args:
+        p_channels: C_p, channels of p.
+        b_channels: C_b, channels of b.
+        dim: D, channels of p_out.
+        carry: whether b_out is computed (the last SRM's is never used, and DDP wants no unused parameters).
+
+    Shapes: p (B, C_p, h_p, w_p), b (B, C_b, h_b, w_b) -> p_out (B, D, h_b, w_b), b_out (B, C_b, h_b, w_b) or None.
+    """
+
+    def __init__(self, *, p_channels: int, b_channels: int, dim: int, carry: bool = True):
+        super().__init__()
+        self.cbam_p = CBAM(channels=p_channels)
+        self.cbam_b = CBAM(channels=b_channels)
+        z = p_channels + b_channels
+        self.to_p = nn.Sequential(nn.Conv2d(z, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True))
+        self.to_b = nn.Sequential(nn.Conv2d(z, b_channels, 1, bias=False), nn.BatchNorm2d(b_channels),
+                                  nn.ReLU(inplace=True)) if carry else None
+
+    def forward(self, p: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        p = F.interpolate(self.cbam_p(p), size=b.shape[-2:], mode="bilinear", align_corners=False)  # (B, C_p, h_b, w_b)
+        z = torch.cat([p, self.cbam_b(b)], dim=1)  # (B, C_p + C_b, h_b, w_b)
+        return self.to_p(z), (self.to_b(z) if self.to_b is not None else None)
+
+
+class TraceBack(nn.Module):
+    """Trace-back (paper: trace-back method; SPEC 2.3): the fused map C_t is traced back through the task's
+    decoder stages, deep to shallow, so the final prediction agrees with every scale of its own decoder:
+
+        (p1, b1) = SRM(C_t, D3);  (p2, b2) = SRM(b1, D2);  (p3, _) = SRM(b2, D1)
+
+    Only b is carried on; C_t enters only the first (deepest) SRM.
+
+    Args:
+        dim: D; the decoder stages are D, 2D, 4D wide.
+
+    Shapes: c (B, D, H/4, W/4), feats [D1, D2, D3] of TaskDecoder -> [p1 (B, D, H/16, W/16),
+        p2 (B, D, H/8, W/8), p3 (B, D, H/4, W/4)].
+    """
+
+    def __init__(self, *, dim: int):
+        super().__init__()
+        self.srms = nn.ModuleList([
+            SpatialRefinement(p_channels=dim, b_channels=4 * dim, dim=dim),
+            SpatialRefinement(p_channels=4 * dim, b_channels=2 * dim, dim=dim),
+            SpatialRefinement(p_channels=2 * dim, b_channels=dim, dim=dim, carry=False),
+        ])
+
+    def forward(self, c: torch.Tensor, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        carried, outs = c, []
+        for srm, b in zip(self.srms, reversed(feats)):
+            p, carried = srm(carried, b)
+            outs.append(p)
+        return outs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The MT-CP network (SPEC 2)
+
+class MTCP(nn.Module):
+    """MT-CP: shared backbone, one decoder per task, coherence fusion, trace-back, heads (paper Fig. 2).
+
+    Args:
+        num_outputs: task -> output channels, e.g. {"semseg": 40, "depth": 1, "normals": 3}; any number >= 1
+            of tasks (with one task there is no partner, so no CFM).
+        backbone: timm model name (SPEC 2.1).
+        pretrained: timm's pretrained weights, from its local cache.
+        weights: a local timm state dict for the backbone, loaded strictly.
+        dim: D, the width of the neck, decoders and heads.
+        img_size: (H, W) of the inputs. Any size works; inside, the input is zero-padded to a multiple of the
+            backbone's stride and the outputs cropped back.
+        cfm: use the CFM (False: C_t = X_t; ablation).
+        traceback: use the trace-back (False: the CFM head is the final output and aux is empty; ablation).
+
+    Shapes: x (B, 3, H, W), ImageNet-normalised -> (preds, aux): preds[task] (B, C_task, H, W) the final
+        prediction; aux[task] the list [initial, intermediate1, intermediate2], each (B, C_task, H, W).
+    """
+
+    def __init__(self, num_outputs: dict[str, int], *, backbone: str = "swin_small_patch4_window7_224.ms_in22k_ft_in1k",
+                 pretrained: bool = False, weights: str | None = None, dim: int = 256,
+                 img_size: tuple[int, int] = (480, 640), cfm: bool = True, traceback: bool = True):
+        super().__init__()
+        self.tasks = list(num_outputs)
+        self.img_size = tuple(img_size)
+        self.stride = 32  # every timm hierarchy ends at stride 32; checked below
+        self.padded_size = tuple(math.ceil(s / self.stride) * self.stride for s in self.img_size)
+        self.backbone = Backbone(name=backbone, dim=dim, img_size=self.padded_size, pretrained=pretrained,
+                                 weights=weights)
+        if self.backbone.stride != self.stride:
+            raise ValueError(f"backbone {backbone} ends at stride {self.backbone.stride}, expected {self.stride}")
+        feat_size = (self.padded_size[0] // 4, self.padded_size[1] // 4)
+        self.decoders = nn.ModuleDict({t: TaskDecoder(dim=dim, feat_size=feat_size) for t in self.tasks})
+        use_cfm = cfm and len(self.tasks) > 1
+        self.cfm = nn.ModuleDict({t: CoherenceFusion(dim=dim, num_aux=len(self.tasks) - 1)
+                                  for t in self.tasks}) if use_cfm else None
+        self.traceback = nn.ModuleDict({t: TraceBack(dim=dim) for t in self.tasks}) if traceback else None
+        # heads: initial (from C_t), then with the trace-back intermediate 1, 2 (p1, p2) and final (p3)
+        self.heads = nn.ModuleDict({t: nn.ModuleList(Head(dim=dim, out_channels=c) for _ in range(4 if traceback else 1))
+                                    for t, c in num_outputs.items()})
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per part, for the log line printed when the model is built."""
+        parts = dict(backbone=self.backbone, decoders=self.decoders, cfm=self.cfm, traceback=self.traceback,
+                     heads=self.heads)
+        return {k: sum(p.numel() for p in m.parameters()) if m is not None else 0 for k, m in parts.items()}
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        H, W = x.shape[-2:]
+        if (H, W) != self.img_size:
+            raise ValueError(f"MTCP was built for inputs of {self.img_size}, got {(H, W)}: resize the images "
+                             f"(the data readers and --predict do) or build the model with img_size={(H, W)}")
+        Hp, Wp = self.padded_size
+        x = F.pad(x, (0, Wp - W, 0, Hp - H))  # (B, 3, Hp, Wp), zeros = the mean colour after normalisation
+        r = self.backbone(x)  # (B, D, Hp/4, Wp/4)
+        feats, maps = {}, {}
+        for t in self.tasks:
+            feats[t], maps[t] = self.decoders[t](r)
+        preds, aux = {}, {}
+        for t in self.tasks:
+            c = self.cfm[t](maps[t], [maps[a] for a in self.tasks if a != t]) if self.cfm is not None else maps[t]
+            levels = [c] + (self.traceback[t](c, feats[t]) if self.traceback is not None else [])
+            outs = [F.interpolate(head(z), size=(Hp, Wp), mode="bilinear", align_corners=False)[..., :H, :W]  # (B, C_t, H, W)
+                    for head, z in zip(self.heads[t], levels)]
+            preds[t], aux[t] = outs[-1], outs[:-1]
+        return preds, aux
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses (SPEC 3)
+
+IGNORE_INDEX = 255  # label value that is never trained on nor scored
+
+def _masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the `valid` entries; exactly 0, still attached to the graph, if none is valid."""
+    # where() rather than a product: a non-finite value at an invalid pixel must not leak in as NaN
+    return torch.where(valid, values, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def cross_entropy_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SPEC 3, semseg / human_parts. Shapes: pred (B, C, H, W) logits; target (B, H, W) int64, 255 = ignore."""
+    ce = F.cross_entropy(pred.float(), target, ignore_index=IGNORE_INDEX, reduction="none")  # (B, H, W)
+    return _masked_mean(ce, target != IGNORE_INDEX)
+
+
+def depth_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SPEC 3, L1 in metres over pixels with GT. Shapes: pred, target (B, 1, H, W) metres, target 0 = invalid."""
+    return _masked_mean((pred.float() - target).abs(), target > 0)
+
+
+def normals_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SPEC 3, L1 between unit normals, mean over the 3 components of valid pixels.
+    Shapes: pred (B, 3, H, W) raw 3-vectors; target (B, 3, H, W) unit vectors, zero vector = invalid."""
+    # NOTE(repro): the released code uses MSE on raw outputs; SPEC 3 decides L1 on L2-normalised predictions.
+    unit = F.normalize(pred.float(), dim=1)  # (B, 3, H, W)
+    valid = (target != 0).any(dim=1, keepdim=True).expand_as(target)  # (B, 3, H, W)
+    return _masked_mean((unit - target).abs(), valid)
+
+
+def saliency_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SPEC 3, class-balanced binary cross-entropy with logits, mean over pixels.
+    Shapes: pred (B, 1, H, W) logits; target (B, 1, H, W) float in {0, 1}."""
+    # w = fraction of negatives in the batch weights the positives, 1 - w the negatives,
+    # so the rare class (usually the salient object) is not drowned by the background
+    w = (1 - target).mean()
+    weight = target * w + (1 - target) * (1 - w)  # (B, 1, H, W)
+    return F.binary_cross_entropy_with_logits(pred.float(), target, weight=weight)
+
+
+TASK_LOSSES = {"semseg": cross_entropy_loss, "human_parts": cross_entropy_loss, "depth": depth_loss,
+               "normals": normals_loss, "sal": saliency_loss}
+
+
+def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Loss of one task on one prediction, in fp32; both at the target resolution (see the per-task losses)."""
+    if task not in TASK_LOSSES:
+        raise ValueError(f"no loss for task {task!r}; known tasks: {sorted(TASK_LOSSES)}")
+    if pred.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"{task}: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in size")
+    return TASK_LOSSES[task](pred, target)
+
+
+def multi_task_losses(preds: Mapping[str, torch.Tensor], aux: Mapping[str, Sequence[torch.Tensor]],
+                      targets: Mapping[str, torch.Tensor], aux_weight: float = 0.5) -> dict[str, torch.Tensor]:
+    """Per-task training loss with deep supervision of the trace-back outputs (SPEC 3).
+
+    Args:
+        preds: task -> final prediction. aux: task -> auxiliary predictions (initial, intermediate 1 and 2;
+            may be empty). targets: task -> ground truth. All at the target resolution.
+    """
+    losses = {}
+    for task, pred in preds.items():
+        # L_t = loss(final) + aux_weight * mean_i loss(aux_i)
+        loss = task_loss(task, pred, targets[task])
+        extra = [task_loss(task, p, targets[task]) for p in aux.get(task, ())]
+        losses[task] = (loss + aux_weight * torch.stack(extra).mean()) if extra else loss
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Task balancers: Loss Prioritization Scheme and the baselines (SPEC 3)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` summed over the DDP ranks (just a copy in one process), on the backend's device."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor.clone()
+    nccl = dist.get_backend() == "nccl"
+    tensor = tensor.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu", copy=True)
+    dist.all_reduce(tensor)
+    return tensor
+
+
+class TaskBalancer(nn.Module):
+    """Shared part of the balancers: `total = balancer(losses)` each step, `end_epoch()` after each epoch.
+
+    A step returns sum_t w_t L_t and records L_t (detached, float64); end_epoch() all-reduces the epoch's sums and
+    step count over the DDP ranks once, appends the epoch means to `history` and updates the weights, so every
+    rank ends with identical weights. `weights` and `history` are Python floats, saved by state_dict().
+    """
+
+    def __init__(self, *, tasks: Sequence[str]):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.history: list[dict[str, float]] = []
+        self._weights = {t: 1.0 for t in self.tasks}
+        self._epoch_sums: torch.Tensor | None = None  # (T + 1,): per-task sums, then the step count
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """task -> weight that the current (or, after end_epoch, the next) epoch uses."""
+        return dict(self._weights)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self._record(losses)
+        return sum(self._weights[t] * losses[t] for t in self.tasks)
+
+    def _record(self, values: Mapping[str, torch.Tensor]) -> None:
+        if set(values) != set(self.tasks):
+            raise ValueError(f"balancer expects losses for {self.tasks}, got {sorted(values)}")
+        step = torch.stack([values[t].detach().double() for t in self.tasks])  # (T,)
+        step = torch.cat([step, step.new_ones(1)])  # (T + 1,); stays on the losses' device: no host sync
+        self._epoch_sums = step if self._epoch_sums is None else self._epoch_sums + step
+
+    def end_epoch(self) -> dict[str, float]:
+        """Collective over the DDP ranks: every rank calls it once per epoch, after at least one step."""
+        if self._epoch_sums is None:
+            raise RuntimeError("end_epoch() called before any step of the epoch")
+        *sums, steps = _all_reduce_sum(self._epoch_sums).tolist()
+        self._epoch_sums = None
+        self.history.append({t: s / steps for t, s in zip(self.tasks, sums)})
+        self._update_weights()
+        return self.weights
+
+    def _update_weights(self) -> None:
+        pass  # equal weights
+
+    def get_extra_state(self) -> dict:
+        return {"tasks": self.tasks, "weights": dict(self._weights), "history": [dict(h) for h in self.history]}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state["tasks"] != self.tasks:
+            raise ValueError(f"balancer state is for tasks {state['tasks']}, this run has {self.tasks}")
+        self._weights = dict(state["weights"])
+        self.history = [dict(h) for h in state["history"]]
+
+
+class EqualWeighting(TaskBalancer):
+    """Plain sum of the task losses (w = 1); what the released code actually optimises (SPEC 3)."""
+
+
+class UncertaintyWeighting(TaskBalancer):
+    """Homoscedastic uncertainty weighting, Kendall, Gal & Cipolla, CVPR 2018.
+
+    Learns s_t = log sigma_t^2 (init 0); give `parameters()` to the optimizer. `weights` reports exp(-s_t).
+    """
+
+    def __init__(self, *, tasks: Sequence[str]):
+        super().__init__(tasks=tasks)
+        self.log_vars = nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in self.tasks})
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t: math.exp(-s.item()) for t, s in self.log_vars.items()}
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self._record(losses)
+        # total = sum_t exp(-s_t) L_t + s_t (SPEC 3's common form, without Kendall's 1/2 on regression tasks)
+        return sum(torch.exp(-self.log_vars[t]) * losses[t] + self.log_vars[t] for t in self.tasks)
+
+
+class DynamicWeightAverage(TaskBalancer):
+    """Dynamic Weight Average, Liu, Johns & Davison, CVPR 2019 ("End-to-End Multi-Task Learning with Attention").
+
+    Args:
+        tasks: task names. temperature: softens the weights (2 in the paper).
+    """
+
+    def __init__(self, *, tasks: Sequence[str], temperature: float = 2.0):
+        super().__init__(tasks=tasks)
+        self.temperature = temperature
+
+    def _update_weights(self) -> None:
+        if len(self.history) < 2:
+            return  # w = 1 for the first two epochs
+        prev, last = self.history[-2:]
+        # w_t = T * softmax_t(r_t / temperature), r_t = m_t(e-1) / m_t(e-2), T tasks (weights average 1)
+        exp_r = {t: math.exp(last[t] / prev[t] / self.temperature) for t in self.tasks}
+        total = sum(exp_r.values())
+        self._weights = {t: len(self.tasks) * exp_r[t] / total for t in self.tasks}
+
+
+class LossPrioritization(TaskBalancer):
+    """Loss Prioritization Scheme (LPS), MT-CP's dynamic task balancing (paper abstract: it projects the task
+    losses onto a common logarithmic scale and prioritises the tasks that improve slowest).
+
+    The paper's equations could not be read: this is the project's DECIDED reconstruction, SPEC 3 steps 1-5.
+    Args:
+        tasks: task names. spread: k, how far the weights are pushed from their mean (7.5 NYUD, 1.6 PASCAL).
+        floor: smallest weight a task can get.
+    """
+
+    def __init__(self, *, tasks: Sequence[str], spread: float = 7.5, floor: float = 0.1):
+        super().__init__(tasks=tasks)
+        self.spread, self.floor = spread, floor
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        # P_t = log(1 + L_t): every task on a common logarithmic scale
+        projected = {t: torch.log1p(loss) for t, loss in losses.items()}
+        self._record(projected)
+        # NOTE(repro): the released code computes its weights but never applies them (the loss is overwritten
+        # by the plain sum) and switches LPS off on PASCAL; here the weights are applied on every dataset.
+        # objective = sum_t w_t P_t, w constant within an epoch (epoch 0: w = 1)
+        return sum(self._weights[t] * projected[t] for t in self.tasks)
+
+    def _update_weights(self) -> None:
+        # NOTE(repro): the released code uses each rank's own statistics; these epoch means m_t of P_t are
+        # all-reduced, so every rank has the same weights.
+        m = self.history[-1]
+        if len(self.history) == 1:
+            # after epoch 0, inverse share: w_t proportional to (sum_s m_s) / m_t, rescaled to mean 1
+            inverse = {t: sum(m.values()) / m[t] for t in self.tasks}
+            mean = sum(inverse.values()) / len(self.tasks)
+            self._weights = {t: inverse[t] / mean for t in self.tasks}
+            return
+        prev = self.history[-2]
+        # r_t = (m_t(e) / m_t(e-1)) / (M(e) / M(e-1)), M = sum_t m_t: r_t > 1 if t improved less than the total
+        total_ratio = sum(m.values()) / sum(prev.values())
+        r = {t: m[t] / prev[t] / total_ratio for t in self.tasks}
+        mean = sum(r.values()) / len(self.tasks)
+        # w_t = max(mean(r) + k (r_t - mean(r)), floor)
+        # NOTE(repro): the released code does not clamp, so its weights can go negative.
+        self._weights = {t: max(mean + self.spread * (r[t] - mean), self.floor) for t in self.tasks}
+
+
+BALANCERS = {"lps": LossPrioritization, "equal": EqualWeighting, "uw": UncertaintyWeighting,
+             "dwa": DynamicWeightAverage}
+
+
+def make_balancer(name: str, tasks: Sequence[str], **options) -> TaskBalancer:
+    """The balancer `name` (lps | equal | uw | dwa) over `tasks`; options go to its constructor."""
+    if name not in BALANCERS:
+        raise ValueError(f"unknown balancer {name!r}; choose from {sorted(BALANCERS)}")
+    return BALANCERS[name](tasks=tasks, **options)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics and Delta_m (SPEC 4)
+
+SAL_BETA2 = 0.3  # beta^2 of the saliency F-measure
+DEPTH_MIN = 1e-3  # m; predictions are clamped to this for log-RMSE, abs-rel and delta1
+ANGLE_BIN = 0.01  # deg; histogram resolution of the pooled normals median
+ANGLE_THRESHOLDS = (11.25, 22.5, 30.0)  # deg
+
+
+class Metrics:
+    """Benchmark metrics over a whole split (SPEC 4), kept as sufficient statistics: a confusion matrix, sums,
+    counts and histograms, int64 / float64, on the predictions' device. compute() sums them over the DDP ranks
+    once, so ranks that update disjoint shards report exactly the single-process numbers (the normals median
+    to within its 0.01 deg bin).
+
+    Args:
+        num_outputs: task -> channels as the dataset gives them (classes for semseg / human_parts).
+    Shapes (update):
+        preds[task]: (B, C, H, W) raw outputs at the targets' resolution: logits (semseg, human_parts, sal),
+            metres (depth), 3-vectors of any length (normals).
+        targets[task]: semseg / human_parts (B, H, W) int64, 255 = ignore; depth (B, 1, H, W) metres, 0 = invalid;
+            normals (B, 3, H, W) unit vectors, zero vector = invalid; sal (B, 1, H, W) in {0, 1}.
+    Units of compute(): percent for mIoU, pixel_acc, maxF, delta1 and the angle thresholds; metres; degrees.
+    """
+
+    def __init__(self, num_outputs: Mapping[str, int]):
+        def zeros(shape, dtype=torch.int64):
+            return torch.zeros(shape, dtype=dtype)
+
+        f64 = torch.float64
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        for task, channels in num_outputs.items():
+            if task in ("semseg", "human_parts"):
+                self.stats[task] = {"confusion": zeros(channels * channels)}  # (gt * C + pred,)
+            elif task == "depth":
+                self.stats[task] = {"sq_err": zeros((), f64), "log_sq_err": zeros((), f64),
+                                    "abs_rel": zeros((), f64), "delta1": zeros(()), "pixels": zeros(())}
+            elif task == "normals":
+                self.stats[task] = {"sum": zeros((), f64), "sq_sum": zeros((), f64), "pixels": zeros(()),
+                                    "below": zeros(len(ANGLE_THRESHOLDS)), "hist": zeros(round(180 / ANGLE_BIN))}
+            elif task == "sal":
+                self.stats[task] = {"tp": zeros(19), "fp": zeros(19), "fn": zeros(19),
+                                    "iou_sum": zeros(15, f64), "images": zeros(())}
+            else:
+                raise ValueError(f"no metric for task {task!r}")
+        self.num_outputs = dict(num_outputs)
+
+    def _add(self, task: str, **values: torch.Tensor) -> None:
+        stats = self.stats[task]
+        for name, value in values.items():  # the statistics follow the predictions' device
+            stats[name] = stats[name].to(value.device) + value.to(stats[name].dtype)
+
+    @torch.no_grad()
+    def update(self, preds: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> None:
+        for task in preds:  # every task of the Metrics, or a subset of them
+            pred, target = preds[task].float(), targets[task]
+            if pred.shape[-2:] != target.shape[-2:]:
+                raise ValueError(f"{task}: score predictions at the target size, got {tuple(pred.shape)} "
+                                 f"for a target of {tuple(target.shape)}")
+            if task in ("semseg", "human_parts"):
+                # confusion over labelled pixels only: an all-255 image (no parts) contributes nothing
+                c, valid = self.num_outputs[task], target != IGNORE_INDEX  # (B, H, W)
+                confusion = torch.bincount(target[valid] * c + pred.argmax(1)[valid], minlength=c * c)
+                if confusion.numel() != c * c:
+                    raise ValueError(f"{task}: labels outside 0..{c - 1} (and 255 = ignore)")
+                self._add(task, confusion=confusion)
+            elif task == "depth":
+                # NOTE(repro): MT-CP also drops pixels with GT >= 6.5535 m; we score every GT > 0.
+                valid = target > 0  # (B, 1, H, W)
+                p, g = pred[valid].double(), target[valid].double()  # (P,) metres
+                pc = p.clamp(min=DEPTH_MIN)
+                self._add(task, sq_err=((p - g) ** 2).sum(), log_sq_err=((pc.log() - g.log()) ** 2).sum(),
+                          abs_rel=((pc - g).abs() / g).sum(), delta1=(torch.maximum(pc / g, g / pc) < 1.25).sum(),
+                          pixels=valid.sum())
+            elif task == "normals":
+                valid = (target != 0).any(dim=1)  # (B, H, W)
+                # per-pixel maths in float64: fp32 sums over the 3 components vary with the batch layout (~1e-7),
+                # which would make sharded and single-process results differ
+                n = F.normalize(pred.permute(0, 2, 3, 1)[valid].double(), dim=1)  # (P, 3)
+                g = F.normalize(target.permute(0, 2, 3, 1)[valid].double(), dim=1)  # (P, 3)
+                # angle = atan2(|n x g|, n . g), accurate near 0 deg where acos(n . g) is not
+                angle = torch.rad2deg(torch.atan2(torch.linalg.cross(n, g).norm(dim=1), (n * g).sum(1)))  # (P,)
+                hist = self.stats[task]["hist"]
+                bins = (angle / ANGLE_BIN).long().clamp(max=hist.numel() - 1)
+                self._add(task, sum=angle.sum(), sq_sum=(angle ** 2).sum(), pixels=valid.sum(),
+                          below=(angle[:, None] < angle.new_tensor(ANGLE_THRESHOLDS)).sum(0),
+                          hist=torch.bincount(bins, minlength=hist.numel()))
+            elif task == "sal":
+                prob, gt = torch.sigmoid(pred).flatten(1), (target > 0.5).flatten(1)[..., None]  # (B, HW), (B, HW, 1)
+                # maxF: tp / fp / fn pooled over the split at thresholds 0.05, 0.10, ..., 0.95
+                pos = prob[..., None] > torch.linspace(0.05, 0.95, 19, device=prob.device)  # (B, HW, 19)
+                tp = (pos & gt).sum((0, 1))
+                self._add(task, tp=tp, fp=(pos & ~gt).sum((0, 1)), fn=gt.sum() - tp)
+                # MT-CP's mIoU: per-image IoU at thresholds linspace(0.2, 0.9, 15); empty GT and prediction = 1
+                pos = prob[..., None] > torch.linspace(0.2, 0.9, 15, device=prob.device)  # (B, HW, 15)
+                inter, union = (pos & gt).sum(1), (pos | gt).sum(1)  # (B, 15)
+                iou = torch.where(union > 0, inter.double() / union.clamp(min=1), 1.0)  # (B, 15)
+                self._add(task, iou_sum=iou.sum(0), images=torch.tensor(len(iou), device=prob.device))
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """task -> metric -> value. Collective over the DDP ranks: every rank calls it; it can be called again."""
+        results = {}
+        for task, local in self.stats.items():
+            s = {name: _all_reduce_sum(value) for name, value in local.items()}
+            if task in ("semseg", "human_parts"):
+                c = self.num_outputs[task]
+                confusion = s["confusion"].view(c, c)  # (gt, pred)
+                tp = confusion.diag()
+                # IoU_c = tp / (tp + fp + fn); a class absent from GT and prediction counts 0 (benchmark code)
+                iou = tp / (confusion.sum(0) + confusion.sum(1) - tp).clamp(min=1)
+                results[task] = {"mIoU": 100 * iou.mean().item(),
+                                 "pixel_acc": 100 * tp.sum().item() / max(confusion.sum().item(), 1)}
+            elif task == "depth":
+                n = max(s["pixels"].item(), 1)
+                results[task] = {"rmse": math.sqrt(s["sq_err"].item() / n),
+                                 "log_rmse": math.sqrt(s["log_sq_err"].item() / n),
+                                 "abs_rel": s["abs_rel"].item() / n, "delta1": 100 * s["delta1"].item() / n}
+            elif task == "normals":
+                n = max(s["pixels"].item(), 1)
+                # pooled median from the histogram, interpolated linearly within the bin holding rank n / 2
+                hist, cum = s["hist"], s["hist"].cumsum(0)
+                b = min(int((cum < n / 2).sum()), len(hist) - 1)  # first bin with cum >= n / 2
+                median = (b + (n / 2 - (cum[b] - hist[b]).item()) / max(hist[b].item(), 1)) * ANGLE_BIN
+                below = (100 * s["below"].double() / n).tolist()
+                results[task] = {"mean": s["sum"].item() / n, "median": median,
+                                 "rmse": math.sqrt(s["sq_sum"].item() / n),
+                                 **{f"{t:g}": v for t, v in zip(ANGLE_THRESHOLDS, below)}}
+            elif task == "sal":
+                # F = (1 + b2) P R / (b2 P + R), b2 = 0.3, at each threshold; maxF = best threshold
+                precision = s["tp"] / (s["tp"] + s["fp"]).clamp(min=1)
+                recall = s["tp"] / (s["tp"] + s["fn"]).clamp(min=1)
+                f = (1 + SAL_BETA2) * precision * recall / (SAL_BETA2 * precision + recall).clamp(min=1e-12)
+                miou = s["iou_sum"] / s["images"].clamp(min=1)
+                results[task] = {"maxF": 100 * f.max().item(), "mIoU": 100 * miou.max().item()}
+        return results
+
+
+# headline metric per task and s_t: +1 if higher is better, -1 if lower is better (SPEC 4)
+HEADLINE = {"semseg": ("mIoU", +1), "human_parts": ("mIoU", +1), "depth": ("rmse", -1),
+            "normals": ("mean", -1), "sal": ("maxF", +1)}
+
+
+def delta_m(results: Mapping[str, Mapping[str, float]], baselines: Mapping[str, Mapping[str, float]]) -> float:
+    """Mean relative gain over the single-task baselines, in percent (SPEC 4); both in compute()'s format."""
+    # NOTE(repro): MT-CP's Delta_m scores saliency by its mIoU; we use maxF, the benchmark's headline.
+    missing = [t for t in results if t not in HEADLINE or t not in baselines]
+    if missing:
+        raise ValueError(f"no headline metric or no baseline for {missing}")
+    # Delta_m = (100 / T) sum_t s_t (M_t - B_t) / B_t
+    gains = []
+    for task, result in results.items():
+        metric, sign = HEADLINE[task]
+        gains.append(sign * (result[metric] - baselines[task][metric]) / baselines[task][metric])
+    return 100 * sum(gains) / len(gains)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun; one code path for 1 or N processes)
+
+def setup_distributed(device_name: str | None) -> tuple[bool, int, int, int, torch.device]:
+    """Reads torchrun's environment (never a --local_rank flag, SPEC 7) and joins the process group:
+    nccl on CUDA, gloo on CPU. Returns (ddp, rank, local_rank, world_size, device)."""
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ddp, rank, local_rank, world, device
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Copies rank 0's buffers (BN running statistics) to every rank before evaluation: DDP broadcasts them
+    at the start of each forward, but each rank then updates its own copy on its own batch."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Averages gradients of parameters that live outside the DDP module (the UW balancer's log-variances)."""
+    if dist.is_initialized():
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures of predictions (training visualisations and --predict)
+
+def colorize(task: str, value: np.ndarray, *, depth_range: tuple[float, float] = (0.0, 10.0)) -> np.ndarray:
+    """One task's map as an RGB picture, H x W x 3 uint8.
+
+    Args:
+        value: class ids (H, W), 255 = ignore, drawn grey; depth (1, H, W) metres, 0 = invalid, drawn black;
+            normals (3, H, W) unit vectors, drawn as (n + 1) / 2; saliency (1, H, W) probability, grey.
+    """
+    if task in ("semseg", "human_parts"):
+        rgb = data.voc_palette()[np.clip(value, 0, 255).astype(np.uint8)]
+        rgb[value == 255] = 128
+        return rgb
+    if task == "depth":
+        lo, hi = depth_range
+        t = np.clip((value[0] - lo) / (hi - lo), 0, 1)
+        # a blue -> green -> yellow -> red ramp, near is blue
+        anchors = np.array([[48, 18, 59], [40, 120, 220], [30, 200, 140], [240, 200, 40], [180, 20, 10]], float)
+        pos = t * (len(anchors) - 1)
+        i = np.minimum(pos.astype(int), len(anchors) - 2)
+        rgb = anchors[i] + (anchors[i + 1] - anchors[i]) * (pos - i)[..., None]
+        rgb[value[0] <= 0] = 0
+        return rgb.astype(np.uint8)
+    if task == "normals":
+        return ((np.transpose(value, (1, 2, 0)) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return np.repeat((value[0] * 255).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def to_numpy(task: str, pred: torch.Tensor) -> np.ndarray:
+    """A raw prediction (C, H, W) as the values people use: class ids (H, W) int64, depth metres (1, H, W),
+    unit normals (3, H, W), saliency probability (1, H, W); float32."""
+    pred = pred.float()
+    if task in ("semseg", "human_parts"):
+        return pred.argmax(0).cpu().numpy()
+    if task == "normals":
+        return F.normalize(pred, dim=0).cpu().numpy()
+    if task == "sal":
+        return torch.sigmoid(pred).cpu().numpy()
+    return pred.cpu().numpy()
+
+
+def unnormalize(image: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised (3, H, W) -> H x W x 3 uint8."""
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    return ((image.cpu() * std + mean).permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)  # (H, W, 3)
+
+
+def save_grid(path: Path, rows: list[list[np.ndarray]]) -> None:
+    """Writes rows of equally sized H x W x 3 pictures as one PNG, 4 px apart."""
+    from PIL import Image
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + 4), cols * (w + 4), 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, pic in enumerate(row):
+            canvas[i * (h + 4):i * (h + 4) + h, j * (w + 4):j * (w + 4) + w] = pic
+    Image.fromarray(canvas).save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation (SPEC 1.3 eval protocol, SPEC 4 metrics)
+
+def resize_to(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Raw outputs (B, C, h, w) -> (B, C, H, W) at a label's size, bilinear on logits / values, in fp32."""
+    return F.interpolate(pred.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int, workers: int, amp: bool,
+             rank: int = 0, world: int = 1) -> dict:
+    """Scores `model` on the whole `dataset` and returns Metrics.compute() (all-reduced over ranks).
+
+    Each rank takes the images rank, rank + world, ... (no padding: DistributedSampler would repeat images).
+    Predictions are resized to each label's ORIGINAL size and scored there (SPEC 1.3); no test-time
+    augmentation.
+    """
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=data.collate,
+                                         pin_memory=device.type == "cuda")
+    metrics = Metrics(dataset.num_outputs)
+    for batch in loader:
+        with autocast(device, amp):
+            preds, _ = model(batch["image"].to(device, non_blocking=True))
+        for t in preds:
+            target = batch[t]
+            if isinstance(target, torch.Tensor):  # one label size for the whole batch
+                metrics.update({t: resize_to(preds[t], target.shape[-2:])}, {t: target.to(device)})
+            else:  # labels of several sizes: one image at a time
+                for pred, tgt in zip(preds[t], target):
+                    metrics.update({t: resize_to(pred[None], tgt.shape[-2:])}, {t: tgt[None].to(device)})
+    return metrics.compute()
+
+
+@torch.no_grad()
+def save_visuals(model: nn.Module, dataset, out_dir: Path, *, device: torch.device, amp: bool, count: int = 4) -> None:
+    """One PNG per validation image: a row per task with the image, the ground truth and the prediction."""
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(min(count, len(dataset))):
+        sample = dataset[i]
+        with autocast(device, amp):
+            preds, _ = model(sample["image"][None].to(device))
+        rows = []
+        for t, pred in preds.items():
+            target = sample[t].numpy()
+            image = unnormalize(resize_to(sample["image"][None], target.shape[-2:])[0])
+            rows.append([image, colorize(t, target), colorize(t, to_numpy(t, resize_to(pred, target.shape[-2:])[0]))])
+        save_grid(out_dir / f"{sample['meta']['id']}.png", rows)
+
+
+def constant_predictions(train_set) -> dict[str, torch.Tensor]:
+    """The best constant per task over the training labels, as the raw output (C,) a head would emit:
+    one-hot logits of the most frequent class, the mean depth in metres, the mean normal, the mean saliency
+    as a logit. Starts the depth heads at room scale, and is the toy run's reference floor."""
+    counts, sums = {}, {}
+    for i in range(len(train_set)):
+        _, targets = train_set.load(i)  # decoded, not augmented
+        for t, arr in targets.items():
+            if t in ("semseg", "human_parts"):
+                counts[t] = counts.get(t, 0) + np.bincount(arr[arr != 255].ravel(), minlength=train_set.num_outputs[t])
+                continue
+            if t == "depth":
+                values = arr[arr > 0][:, None]  # (P, 1) metres, valid pixels
+            elif t == "normals":
+                values = arr.reshape(-1, 3)  # zero vectors (invalid) add nothing; the mean is normalised
+            else:
+                values = (arr > 127.5).reshape(-1, 1)  # saliency in {0, 1}
+            total, n = sums.get(t, (0.0, 0))
+            sums[t] = (total + values.sum(0, dtype=np.float64), n + len(values))
+    constants = {t: F.one_hot(torch.tensor(int(n.argmax())), len(n)).float() for t, n in counts.items()}
+    for t, (total, n) in sums.items():
+        mean = torch.as_tensor(total / max(n, 1), dtype=torch.float32)
+        constants[t] = {"depth": mean, "normals": F.normalize(mean, dim=0), "sal": torch.logit(mean, eps=1e-6)}[t]
+    return constants
+
+
+@torch.no_grad()
+def constant_predictor_metrics(constants: dict[str, torch.Tensor], val_set, *, rank: int = 0, world: int = 1) -> dict:
+    """Metrics of predicting `constants` (constant_predictions) everywhere on val_set; sharded as evaluate()."""
+    metrics = Metrics(val_set.num_outputs)
+    for i in range(rank, len(val_set), world):
+        sample = val_set[i]
+        preds = {t: v.view(1, -1, 1, 1).expand(1, -1, *sample[t].shape[-2:]) for t, v in constants.items()}  # (1, C, H, W)
+        metrics.update(preds, {t: sample[t][None] for t in preds})
+    return metrics.compute()
+
+
+def format_metrics(results: dict) -> str:
+    """The final table: one line per task, the headline metric first."""
+    lines = []
+    for t, values in results.items():
+        key = HEADLINE[t][0]
+        rest = "  ".join(f"{k} {v:.4g}" for k, v in values.items() if k != key)
+        lines.append(f"  {t:<12} {key} {values[key]:.4g}  |  {rest}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training (SPEC 5)
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA; fp32 on CPU (SPEC 5)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def get_lr(step: int, total_steps: int, base_lr: float, power: float = 0.9) -> float:
+    """Poly decay per iteration (SPEC 5): lr = base_lr * (1 - step / total_steps) ** power."""
+    return base_lr * (1 - min(step, total_steps) / total_steps) ** power
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Writes to a temporary file and renames it, so a crash never leaves a broken checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def build_model(args, num_outputs: dict[str, int]) -> MTCP:
+    return MTCP(num_outputs, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, dim=args.dim,
+                img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback)
+
+
+def build_datasets(args, *, master: bool):
+    """The train and val datasets of args.dataset. The toy data is written under --data-root on first use."""
+    tasks = tuple(args.tasks)
+    size = tuple(args.img_size)
+    if args.dataset == "pascal":
+        return (data.PASCALContext(args.data_root, "train", tasks=tasks, size=size),
+                data.PASCALContext(args.data_root, "val", tasks=tasks, size=size))
+    num_classes = DATASETS[args.dataset]["tasks"]["semseg"]
+    if args.dataset == "toy" and master and not (Path(args.data_root) / "gt_sets" / "val.txt").exists():
+        print(f"writing the toy dataset to {args.data_root} ...", flush=True)
+        data.make_toy(args.data_root, layout="nyud", **DATASETS["toy"]["toy_data"])
+    if dist.is_initialized():
+        dist.barrier()  # the other ranks wait for rank 0's toy data
+    return (data.NYUD(args.data_root, "train", tasks=tasks, size=size, num_classes=num_classes),
+            data.NYUD(args.data_root, "val", tasks=tasks, size=size, num_classes=num_classes))
+
+
+def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: torch.device) -> dict:
+    """Trains on args.dataset, evaluates every --eval-every epochs and after the last, and returns the last
+    epoch's validation metrics (never the best epoch: that would be selected on the test split, SPEC 5)."""
+    master = rank == 0
+    out_dir = Path(args.out_dir)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True) if args.resume else None
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(vars(args), indent=2))
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    train_set, val_set = build_datasets(args, master=master)
+    num_outputs, tasks = train_set.num_outputs, list(train_set.num_outputs)
+
+    model = raw_model = build_model(args, num_outputs).to(device)
+    constants = constant_predictions(train_set) if "depth" in tasks or args.dataset == "toy" else None
+    if "depth" in tasks and checkpoint is None:
+        # NOTE(repro): the depth heads start at the mean training depth, not 0 m. Adam moves a bias by about
+        # lr per step, so from 0 m the depth scale takes thousands of steps to learn (toy: RMSE 2.6 m vs 0.8 m
+        # after 6 epochs).
+        for head in raw_model.heads["depth"]:
+            nn.init.constant_(head[-1].bias, constants["depth"].item())
+    if device.type == "cuda" and args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    balancer = make_balancer(args.balancer, tasks, spread=args.lps_spread, floor=args.lps_floor).to(device)
+    optimizer = torch.optim.AdamW([{"params": raw_model.parameters()},
+                                   {"params": balancer.parameters(), "weight_decay": 0.0}],
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    start_epoch, step = 0, 0
+    if checkpoint is not None:
+        raw_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        balancer.load_state_dict(checkpoint["balancer"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+    if args.compile:
+        model = torch.compile(model)  # before the DDP wrap; checkpoints always hold raw_model
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+
+    # The same sampler for 1 or N processes: a seeded shuffle per epoch, so a resumed run sees the same order.
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         collate_fn=data.collate)
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size} x {world} processes")
+    total_steps = args.epochs * len(loader)
+    if master:
+        counts = raw_model.param_counts()
+        print(f"MTCP {args.backbone} dim {args.dim} img {args.img_size[0]}x{args.img_size[1]} | parameters "
+              + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()) + f", total {sum(counts.values()) / 1e6:.2f}M")
+        print(f"{len(train_set)} train / {len(val_set)} val images, global batch {args.batch_size * world} "
+              f"({world} x {args.batch_size}), {len(loader)} steps per epoch, {args.epochs} epochs, device {device}"
+              + (f", resuming at epoch {start_epoch}" if checkpoint is not None else ""), flush=True)
+
+    results, run_start, run_start_step = None, time.perf_counter(), step
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        # Seeded per epoch and rank (augmentations and worker seeds draw from it): a resumed run repeats the
+        # uninterrupted one exactly; the workers therefore restart each epoch (persistent_workers=False).
+        torch.manual_seed(args.seed + epoch * world + rank)
+        weights = dict(balancer.weights)  # constant within the epoch (LPS, DWA); UW's move every step
+        sums = torch.zeros(len(tasks), dtype=torch.float64, device=device)
+        epoch_start = time.perf_counter()
+        for i, batch in enumerate(loader):
+            lr = get_lr(step, total_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            images = batch["image"].to(device, non_blocking=True)
+            if device.type == "cuda" and args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            targets = {t: batch[t].to(device, non_blocking=True) for t in tasks}
+            with autocast(device, args.amp):
+                preds, aux = model(images)
+            losses = multi_task_losses(preds, aux, targets, aux_weight=args.aux_weight)  # fp32
+            total = balancer(losses)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            all_reduce_grads(list(balancer.parameters()))
+            if args.clip_grad > 0:
+                nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)  # before the step (SPEC 5)
+            optimizer.step()
+            step += 1
+            sums += torch.stack([losses[t].detach().double() for t in tasks])
+            if (i + 1) % args.log_every == 0 or i + 1 == len(loader):
+                mean = (sums / (i + 1)).tolist()  # one sync per log line, not per step
+                if not all(math.isfinite(v) for v in mean):
+                    raise FloatingPointError(
+                        f"non-finite loss at epoch {epoch} step {i + 1}: {dict(zip(tasks, mean))}; stopping. The last "
+                        f"good checkpoint is {checkpoint_path}" + ("" if checkpoint_path.exists() else " (none yet)"))
+                if master:
+                    elapsed = time.perf_counter() - run_start
+                    per_step = elapsed / (step - run_start_step)
+                    eta = per_step * (total_steps - step)
+                    print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{len(loader)} | loss "
+                          + " ".join(f"{t} {v:.4f}" for t, v in zip(tasks, mean)) + " | w "
+                          + " ".join(f"{v:.2f}" for v in balancer.weights.values())
+                          + f" | lr {lr:.2e} | {args.batch_size * world / per_step:.1f} img/s"
+                          f" | ETA {datetime.timedelta(seconds=round(eta))}", flush=True)
+        epoch_time = time.perf_counter() - epoch_start
+        if ddp:
+            dist.all_reduce(sums)
+        balancer.end_epoch()  # all-reduces its statistics: every rank gets the same weights
+        record = dict(epoch=epoch + 1, step=step, lr=lr, losses=dict(zip(tasks, (sums / (len(loader) * world)).tolist())),
+                      weights=weights, next_weights=dict(balancer.weights),
+                      img_per_s=len(loader) * args.batch_size * world / epoch_time, epoch_time_s=epoch_time)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            broadcast_buffers(raw_model)
+            results = evaluate(raw_model, val_set, device=device, batch_size=args.eval_batch_size,
+                               workers=args.workers, amp=args.amp, rank=rank, world=world)
+            record["metrics"] = results
+        if master:
+            if "metrics" in record:
+                print(f"epoch {epoch + 1} validation ({len(val_set)} images):\n{format_metrics(results)}", flush=True)
+            with open(out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            save_checkpoint(checkpoint_path, dict(
+                model=raw_model.state_dict(), optimizer=optimizer.state_dict(), balancer=balancer.state_dict(),
+                epoch=epoch + 1, step=step, args=vars(args), num_outputs=num_outputs,
+                normalization=dict(mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD)),
+                versions=dict(torch=str(torch.__version__), timm=timm.__version__)))
+    if results is None:  # resumed after the last epoch: just evaluate
+        broadcast_buffers(raw_model)
+        results = evaluate(raw_model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
+                           amp=args.amp, rank=rank, world=world)
+    reference = constant_predictor_metrics(constants, val_set, rank=rank, world=world) if args.dataset == "toy" else None
+    if master:
+        save_visuals(raw_model, val_set, out_dir / "vis", device=device, amp=args.amp)
+        write_metrics(out_dir / "metrics.json", args, results, epoch=args.epochs, reference=reference)
+    return results
+
+
+def write_metrics(path: Path, args, results: dict, *, epoch: int, reference: dict | None = None) -> None:
+    """metrics.json: the last epoch's validation metrics, Delta_m against --baselines, and the constant
+    predictors' metrics when given. A single-task run's file is itself a baseline file for --baselines."""
+    baselines = {}
+    for file in args.baselines or []:
+        baselines.update(json.loads(Path(file).read_text())["metrics"])
+    dm = delta_m(results, baselines) if baselines else None
+    path.write_text(json.dumps(dict(dataset=args.dataset, split="val", epoch=epoch, tasks=list(results),
+                                    metrics=results, delta_m=dm, baselines=args.baselines,
+                                    constant_predictors=reference), indent=2))
+    print(f"final metrics (epoch {epoch}, val):\n{format_metrics(results)}", flush=True)
+    if dm is not None:
+        print(f"  Delta_m {dm:+.2f} % against {', '.join(args.baselines)}")
+    if reference is not None:
+        print("constant predictors (majority class, mean depth, mean normal) on the same images:")
+        for t, values in reference.items():
+            key = HEADLINE[t][0]
+            print(f"  {t:<12} {key} {values[key]:.4g}  (model / constant = {results[t][key] / values[key]:.2f})")
+
+
+def load_checkpoint_model(path: str, device: torch.device) -> tuple[MTCP, dict]:
+    """Rebuilds the model a checkpoint was trained with (its args) and loads its weights strictly."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    saved = argparse.Namespace(**checkpoint["args"])
+    saved.pretrained, saved.weights = False, None  # the checkpoint holds every weight
+    model = build_model(saved, checkpoint["num_outputs"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Predictions for one's own images (no ground truth, no dataset folder)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@torch.no_grad()
+def predict(args, device: torch.device) -> None:
+    """Predicts every task for image files or folders of them. Writes per image and task a PNG picture and
+    the raw values (.npy: class ids int64, depth metres, unit normals, saliency probability), at the image's
+    own size. An unreadable image is reported by name at the end; the others are still written."""
+    from PIL import Image
+    model, checkpoint = load_checkpoint_model(args.checkpoint, device)
+    mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
+    paths = []
+    for p in map(Path, args.predict):
+        if not p.exists():
+            raise FileNotFoundError(f"--predict: {p} does not exist")
+        paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    out_dir = Path(args.out_dir or "predictions")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed, sizes = [], {}
+    for path in paths:  # group by size, so a batch shares one output size
+        try:
+            with Image.open(path) as im:
+                sizes.setdefault((im.height, im.width), []).append(path)
+        except Exception as e:
+            failed.append(f"{path}: {e}")
+    n = args.batch_size or 8
+    batches = [group[i:i + n] for group in sizes.values() for i in range(0, len(group), n)]
+    done, start = 0, time.perf_counter()
+    for batch in batches:
+        images, names = [], []
+        for path in batch:
+            try:
+                images.append(data.read_image(path))
+                names.append(path)
+            except Exception as e:
+                failed.append(f"{path}: {e}")
+        if not images:
+            continue
+        size = images[0].shape[:2]
+        x = torch.stack([data.to_input(im, model.img_size, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+        with autocast(device, args.amp):
+            preds, _ = model(x)
+        for t, pred in preds.items():
+            pred = resize_to(pred, size)  # (B, C, h, w) at the image's own size
+            for path, p in zip(names, pred):
+                value = to_numpy(t, p)
+                np.save(out_dir / f"{path.stem}_{t}.npy", value)
+                Image.fromarray(colorize(t, value)).save(out_dir / f"{path.stem}_{t}.png")
+        done += len(names)
+        rate = done / (time.perf_counter() - start)
+        print(f"predicted {done}/{len(paths)} images ({rate:.1f} img/s) -> {out_dir}", flush=True)
+    if failed:
+        raise SystemExit("could not read " + str(len(failed)) + " image(s):\n  " + "\n  ".join(failed))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark: speed, memory and FLOP utilisation of one training step
+
+# bf16 dense tensor-core peak in TFLOP/s, from the vendors' datasheets (for MFU).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 989.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def benchmark(args, device: torch.device) -> dict:
+    """Times training steps (forward, loss, backward, optimizer) and evaluation forwards on random data of the
+    dataset's shapes, counts FLOPs with FlopCounterMode, and prints one table."""
+    import resource
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(args.seed)
+    num_outputs = {t: DATASETS[args.dataset]["tasks"][t] for t in args.tasks}
+    model = build_model(args, num_outputs).to(device)
+    for m in model.modules():
+        if isinstance(m, CoherenceFusion):
+            m.naive_attention = args.naive_attention
+    channels_last = device.type == "cuda" and args.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if args.compile else model
+    balancer = make_balancer(args.balancer, list(num_outputs), spread=args.lps_spread, floor=args.lps_floor).to(device)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(balancer.parameters()), lr=args.lr)
+    B, (H, W) = args.batch_size, args.img_size
+    images = torch.randn(B, 3, H, W, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = {}
+    for t, c in num_outputs.items():
+        if t in ("semseg", "human_parts"):
+            targets[t] = torch.randint(0, c, (B, H, W), device=device)
+        elif t == "normals":
+            targets[t] = F.normalize(torch.randn(B, 3, H, W, device=device), dim=1)
+        elif t == "sal":
+            targets[t] = (torch.rand(B, 1, H, W, device=device) > 0.5).float()
+        else:
+            targets[t] = torch.rand(B, 1, H, W, device=device) * 9 + 0.5
+
+    def train_step():
+        with autocast(device, args.amp):
+            preds, aux = step_model(images)
+        total = balancer(multi_task_losses(preds, aux, targets, aux_weight=args.aux_weight))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+
+    @torch.no_grad()
+    def eval_step():
+        with autocast(device, args.amp):
+            step_model(images)
+
+    def timed(fn, steps: int) -> float:
+        for _ in range(args.benchmark_warmup):
+            fn()
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        return (time.perf_counter() - start) / steps
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    train_time = timed(train_step, args.benchmark_steps)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    model.eval()
+    eval_time = timed(eval_step, args.benchmark_steps)
+    model.train()
+    with FlopCounterMode(display=False) as counter:  # one eager training step, forward + backward
+        with autocast(device, args.amp):
+            preds, aux = model(images)
+        balancer(multi_task_losses(preds, aux, targets, aux_weight=args.aux_weight)).backward()
+    train_flops = counter.get_total_flops() / B
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with autocast(device, args.amp):
+            model(images)
+    eval_flops = counter.get_total_flops() / B
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak_tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    achieved = train_flops * B / train_time / 1e12
+    result = dict(device=name, dataset=args.dataset, img_size=list(args.img_size), batch_size=B, amp=bool(args.amp),
+                  compile=bool(args.compile), channels_last=channels_last, naive_attention=bool(args.naive_attention),
+                  params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                  train_img_per_s=B / train_time, eval_img_per_s=B / eval_time, peak_memory_gib=peak,
+                  peak_memory_kind="CUDA max allocated" if device.type == "cuda" else "process peak RSS",
+                  train_gflops_per_img=train_flops / 1e9, eval_gflops_per_img=eval_flops / 1e9,
+                  achieved_tflops=achieved if device.type == "cuda" else None,
+                  mfu=achieved / peak_tflops if device.type == "cuda" and peak_tflops else None,
+                  peak_bf16_tflops=peak_tflops if device.type == "cuda" else None)
+    rows = [("device", name), ("input", f"{B} x 3 x {H} x {W}, amp {result['amp']}, compile {result['compile']}"),
+            ("parameters", f"{result['params_m']:.2f} M"),
+            ("train", f"{result['train_img_per_s']:.2f} img/s ({train_time * 1e3:.0f} ms/step)"),
+            ("eval", f"{result['eval_img_per_s']:.2f} img/s"),
+            ("peak memory", f"{peak:.2f} GiB ({result['peak_memory_kind']})"),
+            ("GFLOPs / img", f"train step {result['train_gflops_per_img']:.1f}, eval forward {result['eval_gflops_per_img']:.1f}"),
+            ("achieved", f"{achieved:.1f} TFLOP/s" if device.type == "cuda" else "n/a (CPU)"),
+            ("MFU", f"{100 * result['mfu']:.1f} % of {peak_tflops:.0f} TFLOP/s bf16 dense" if result["mfu"] else "n/a")]
+    print("\n".join(f"{k:<14} {v}" for k, v in rows), flush=True)
+    if args.benchmark_json:
+        Path(args.benchmark_json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags left at None take their value from DATASETS[--dataset] (SPEC 5) or, when resuming, from the
+    checkpoint."""
+    p = argparse.ArgumentParser(description="MT-CP: multi-task dense prediction (WACV 2025), train / evaluate / "
+                                            "predict / benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=list(DATASETS), default="toy",
+                   help="toy: built-in rooms in the NYUD layout (written on first use); nyud: NYUD_MT; pascal: PASCAL_MT")
+    g.add_argument("--data-root", help="dataset folder (default: data/toy for toy, else required)")
+    g.add_argument("--tasks", nargs="+", help="subset of the dataset's tasks, e.g. one task for a single-task "
+                                              "baseline (default: all of DATASETS[dataset]['tasks'])")
+    g.add_argument("--workers", type=int, help="data-loading processes per rank (default: 8 on CUDA, capped by the "
+                                               "cores per rank; 0 on CPU, where workers slow training: 9.6 vs 12.6 "
+                                               "img/s on 2 cores, toy)")
+    g = p.add_argument_group("model (SPEC 2)")
+    g.add_argument("--backbone", help="timm model name (default: Swin-S in22k-ft-1k for nyud/pascal, SPEC 2.1; "
+                                      "resnet18 for toy)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
+                   help="timm's pretrained backbone weights, from its local cache, never downloaded at run time "
+                        "(default: on for nyud/pascal as in the paper, off for toy)")
+    g.add_argument("--weights", help="local timm state dict for the backbone, loaded strictly")
+    g.add_argument("--dim", type=int, help="D, width of neck, decoders and heads (default: 256 per SPEC 2; toy 32)")
+    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="training / inference size (default: 480 640 nyud, 512 512 pascal per SPEC 1.3; toy 96 128)")
+    g.add_argument("--no-cfm", action="store_true", help="ablation: no Coherence Fusion Module")
+    g.add_argument("--no-traceback", action="store_true", help="ablation: no trace-back, the CFM head is final")
+    g = p.add_argument_group("optimisation (SPEC 3, 5)")
+    g.add_argument("--epochs", type=int, help="default: 100 per SPEC 5 (released code); toy 12")
+    g.add_argument("--batch-size", type=int, help="per process (default: 2 per SPEC 5; toy 16)")
+    g.add_argument("--eval-batch-size", type=int, help="per process (default: --batch-size)")
+    g.add_argument("--lr", type=float, help="AdamW learning rate, poly decay 0.9 (default: 5e-5 per SPEC 5; toy 2e-3)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (SPEC 5)")
+    g.add_argument("--clip-grad", type=float, default=10.0, help="max gradient norm, 0 = off (SPEC 5 clips; the "
+                                                                 "value is this project's choice)")
+    g.add_argument("--balancer", choices=["lps", "equal", "uw", "dwa"], default="lps",
+                   help="lps: Loss Prioritization Scheme (SPEC 3); equal: what the released code optimised; uw: "
+                        "Kendall et al.; dwa: Liu et al.")
+    g.add_argument("--lps-spread", type=float, help="LPS spread k (default: 7.5 nyud/toy, 1.6 pascal, SPEC 3)")
+    g.add_argument("--lps-floor", type=float, default=0.1, help="LPS weight floor (SPEC 3)")
+    g.add_argument("--aux-weight", type=float, default=0.5, help="weight of the initial + intermediate outputs' "
+                                                                 "mean loss (SPEC 3)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA "
+                                                                                      "(SPEC 5); CPU is always fp32")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format on CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
+    g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    g = p.add_argument_group("run")
+    g.add_argument("--out-dir", help="where config.json, log.jsonl, metrics.json, checkpoint.pt and vis/ go "
+                                     "(default: runs/<dataset>; predictions/ for --predict)")
+    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt with its config")
+    g.add_argument("--eval-only", metavar="CKPT", help="evaluate a checkpoint on the val split and exit")
+    g.add_argument("--eval-every", type=int, default=10, help="epochs between evaluations; the last is always "
+                                                              "evaluated (SPEC 5)")
+    g.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    g.add_argument("--baselines", nargs="+", metavar="JSON", help="single-task metrics.json files for Delta_m (SPEC 4)")
+    g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    g = p.add_argument_group("predict on your own images")
+    g.add_argument("--predict", nargs="+", metavar="PATH", help="image files or folders; needs --checkpoint")
+    g.add_argument("--checkpoint", help="checkpoint for --predict; it holds everything the model needs")
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", action="store_true", help="time training and evaluation steps on random data")
+    g.add_argument("--benchmark-steps", type=int, default=5, help="timed steps")
+    g.add_argument("--benchmark-warmup", type=int, default=2, help="untimed warm-up steps")
+    g.add_argument("--benchmark-json", metavar="PATH", help="also write the numbers as JSON")
+    g.add_argument("--peak-tflops", type=float, help="device bf16 dense peak for MFU (default: from the GPU's name)")
+    g.add_argument("--naive-attention", action="store_true", help=argparse.SUPPRESS)  # memory comparison only
+    args = p.parse_args(argv)
+    if args.predict and not args.checkpoint:
+        p.error("--predict needs --checkpoint")
+    return args
+
+
+def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Flags left at None take the dataset's defaults (DATASETS)."""
+    d = DATASETS[args.dataset]
+    defaults = dict(data_root="data/toy" if args.dataset == "toy" else None, tasks=list(d["tasks"]),
+                    pretrained=args.dataset != "toy" and not args.weights,
+                    backbone=d["backbone"], dim=d["dim"], img_size=list(d["img_size"]), epochs=d["epochs"],
+                    batch_size=d["batch_size"], lr=d["lr"], lps_spread=d["lps_spread"], out_dir=f"runs/{args.dataset}")
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.eval_batch_size is None:
+        args.eval_batch_size = args.batch_size
+    unknown = set(args.tasks) - set(d["tasks"])
+    if unknown:
+        raise SystemExit(f"--tasks: {sorted(unknown)} are not tasks of {args.dataset} ({list(d['tasks'])})")
+    if args.data_root is None:
+        raise SystemExit(f"--data-root is required for --dataset {args.dataset} (see README: data)")
+    return args
+
+
+# Flags that describe how to run, not what is trained: a resumed run takes them from the command line.
+RUNTIME_FLAGS = ("resume", "out_dir", "workers", "device", "log_every", "eval_every", "eval_batch_size", "data_root")
+
+
+def main(argv: list[str] | None = None):
+    args = get_args(argv)
+    # No network at run time: timm may read pretrained weights from its cache, never download them.
+    import huggingface_hub.constants
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if args.resume:
+        path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
+        if not path.is_file():
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
+        given = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
+        args = argparse.Namespace(**{**saved, **given, "resume": True, "out_dir": str(path.parent)})
+    ddp, rank, local_rank, world, device = setup_distributed(args.device)
+    master = rank == 0
+    if args.workers is None:  # on CPU, worker processes compete with torch's threads for the same cores
+        args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if device.type == "cuda" else 0
+    try:
+        if args.predict:
+            return predict(args, device)
+        if args.eval_only:
+            model, checkpoint = load_checkpoint_model(args.eval_only, device)
+            saved = checkpoint["args"]
+            args.dataset, args.tasks, args.img_size = saved["dataset"], saved["tasks"], saved["img_size"]
+            args.data_root = args.data_root or saved["data_root"]
+            args = fill_defaults(args)
+            args.out_dir = args.out_dir if args.out_dir != f"runs/{args.dataset}" else str(Path(args.eval_only).parent / "eval")
+            _, val_set = build_datasets(args, master=master)
+            results = evaluate(model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
+                               amp=args.amp, rank=rank, world=world)
+            if master:
+                Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+                write_metrics(Path(args.out_dir) / "metrics.json", args, results, epoch=checkpoint["epoch"])
+            return results
+        args = fill_defaults(args)
+        if args.benchmark:
+            return benchmark(args, device)
+        return train(args, ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

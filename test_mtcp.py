@@ -1,0 +1,929 @@
+"""Tests for mtcp (pytest, CPU, a few minutes): data.py (SPEC 1), losses, balancers and metrics (SPEC 3, 4),
+the model (SPEC 2) and the program (SPEC 5): train, resume, eval-only, torchrun on gloo, predict, benchmark.
+
+Every fixture is written in the real file formats inside tmp_path; nothing is downloaded.
+"""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import mtcp
+from mtcp import HEADLINE, Metrics, delta_m, make_balancer, multi_task_losses, task_loss
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers: tiny datasets in the NYUD_MT and PASCAL_MT layouts
+
+def write_image(path, hw, seed=0):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*hw, 3), dtype=np.uint8)).save(path)
+
+
+def unit_normals(hw, seed=0):
+    n = np.random.default_rng(seed).normal(size=(*hw, 3)).astype(np.float32)
+    n /= np.linalg.norm(n, axis=-1, keepdims=True)
+    n[0, 0] = 0  # one invalid pixel
+    return n
+
+
+def make_nyud(root, ids=('a', 'b'), hw=(6, 8), variant='npy'):
+    """NYUD_MT ('npy': .jpg images, .npy normals) or InvPT ('png': .png images and normals)."""
+    for folder in ('gt_sets', 'images', 'segmentation', 'depth', 'normals'):
+        os.makedirs(root / folder, exist_ok=True)
+    for split in ('train', 'val'):
+        (root / 'gt_sets' / f'{split}.txt').write_text(''.join(i + '\n' for i in ids))
+    h, w = hw
+    for k, id in enumerate(ids):
+        write_image(root / 'images' / (id + ('.png' if variant == 'png' else '.jpg')), hw, k)
+        Image.fromarray((np.arange(h * w) % 41).reshape(hw).astype(np.uint8)).save(root / 'segmentation' / f'{id}.png')
+        np.save(root / 'depth' / f'{id}.npy', np.linspace(0, 5, h * w, dtype=np.float32).reshape(hw))
+        n = unit_normals(hw, k)
+        if variant == 'png':
+            Image.fromarray(np.round((n + 1) * 255 / 2).astype(np.uint8)).save(root / 'normals' / f'{id}.png')
+        else:
+            np.save(root / 'normals' / f'{id}.npy', n)
+    return root
+
+
+def write_parts(path, objects):
+    """PASCAL-Part struct (SPEC 1.2): objects = [(class name, class index, mask, [(part name, mask)])]."""
+    objs = np.zeros((1, len(objects)), [('class', 'O'), ('classIndex', 'O'), ('mask', 'O'), ('parts', 'O')])
+    for j, (name, index, mask, parts) in enumerate(objects):
+        pa = np.zeros((1, len(parts)), [('part_name', 'O'), ('mask', 'O')]) if parts else np.zeros((0, 0))
+        for k, (part, pmask) in enumerate(parts):
+            pa[0, k] = (part, pmask.astype(np.uint8))
+        objs[0, j] = (name, np.array([[index]], np.uint8), mask.astype(np.uint8), pa)
+    anno = np.zeros((1, 1), [('imname', 'O'), ('objects', 'O')])
+    anno[0, 0] = ('x', objs)
+    scipy.io.savemat(path, {'anno': anno})
+
+
+def make_pascal(root, ids=('a', 'b'), hw=(6, 8), semseg=7, sal=255, parts=None):
+    """PASCAL_MT with constant semseg (in semseg/pascal-context) and saliency; parts: {id: objects}."""
+    for folder in ('ImageSets/Context', 'JPEGImages', 'semseg/pascal-context', 'semseg/VOC12', 'human_parts',
+                   'sal_distill'):
+        os.makedirs(root / folder, exist_ok=True)
+    for split in ('train', 'val'):
+        (root / 'ImageSets/Context' / f'{split}.txt').write_text(''.join(i + '\n' for i in ids))
+    for k, id in enumerate(ids):
+        write_image(root / 'JPEGImages' / f'{id}.jpg', hw, k)
+        Image.fromarray(np.full(hw, semseg, np.uint8)).save(root / 'semseg/pascal-context' / f'{id}.png')
+        Image.fromarray(np.full(hw, sal, np.uint8)).save(root / 'sal_distill' / f'{id}.png')
+        write_parts(root / 'human_parts' / f'{id}.mat', (parts or {}).get(id, [('chair', 9, np.ones(hw), [])]))
+    return root
+
+
+def force(ds, monkeypatch, flip=False, angle=0.0, scale=1.0):
+    """Fix the augmentation parameters of a training dataset."""
+    monkeypatch.setattr(ds, 'draw', lambda rng: dict(flip=flip, angle=angle, scale=scale))
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding (SPEC 1.1, 1.2)
+
+def test_nyud_decoding_and_eval_resolution(tmp_path):
+    root = make_nyud(tmp_path)
+    ds = data.NYUD(root, 'val', size=(12, 16))
+    assert not ds.train and len(ds) == 2 and ds.num_outputs == {'semseg': 40, 'depth': 1, 'normals': 3}
+    s = ds[0]
+    assert s['image'].shape == (3, 12, 16) and s['image'].dtype == torch.float32
+    assert s['meta'] == {'id': 'a', 'size': (6, 8)}
+    raw = np.array(Image.open(root / 'segmentation/a.png'))
+    assert s['semseg'].dtype == torch.int64 and s['semseg'].shape == (6, 8)  # eval: original resolution
+    assert (s['semseg'].numpy() == np.where(raw == 0, 255, raw - 1)).all()  # 0 -> 255, k -> k - 1
+    assert {0, 1, 40} <= set(raw.ravel()) and s['semseg'].max() == 255 and s['semseg'][raw == 40].eq(39).all()
+    assert torch.equal(s['depth'][0], torch.from_numpy(np.load(root / 'depth/a.npy')))
+    assert torch.allclose(s['normals'].permute(1, 2, 0), torch.from_numpy(unit_normals((6, 8), 0)), atol=1e-6)
+    assert s['normals'][:, 0, 0].eq(0).all()  # the zero vector stays invalid
+
+
+def test_nyud_image_normalisation(tmp_path):
+    root = make_nyud(tmp_path, variant='png')
+    s = data.NYUD(root, 'val', size=(6, 8))[0]
+    rgb = np.array(Image.open(root / 'images/a.png')) / 255
+    expect = (rgb - data.IMAGENET_MEAN) / data.IMAGENET_STD
+    assert np.allclose(s['image'].permute(1, 2, 0).numpy(), expect, atol=1e-5)
+
+
+def test_nyud_png_variant_normals(tmp_path):
+    root = make_nyud(tmp_path, variant='png')
+    s = data.NYUD(root, 'val', size=(6, 8))[1]
+    v = np.array(Image.open(root / 'normals/b.png')).astype(np.float32) * 2 / 255 - 1  # SPEC 1.1
+    v /= np.linalg.norm(v, axis=-1, keepdims=True)
+    assert np.allclose(s['normals'].permute(1, 2, 0).numpy(), v, atol=1e-6)
+    assert np.allclose(s['normals'].norm(dim=0).numpy(), 1, atol=1e-5)
+
+
+def test_pascal_semseg_voc12_preferred(tmp_path):
+    root = make_pascal(tmp_path)
+    Image.fromarray(np.full((6, 8), 5, np.uint8)).save(root / 'semseg/VOC12/a.png')
+    ds = data.PASCALContext(root, 'val', tasks=('semseg',), size=(8, 8))
+    assert ds.num_outputs == {'semseg': 21}
+    assert ds[0]['semseg'].unique().tolist() == [5] and ds[1]['semseg'].unique().tolist() == [7]
+
+
+def test_pascal_human_parts_from_mat(tmp_path):
+    hw = (6, 8)
+
+    def mask(r0, r1, c0, c1):
+        out = np.zeros(hw, bool)
+        out[r0:r1, c0:c1] = True
+        return out
+    person = [('torso', mask(0, 4, 0, 8)), ('lhand', mask(2, 4, 0, 2)),  # later wins: lhand over torso
+              ('hair', mask(5, 6, 0, 2)), ('luleg', mask(4, 5, 0, 8)), ('rfoot', mask(5, 6, 2, 4)),
+              ('tail', mask(5, 6, 6, 8))]  # not in the table: stays 0
+    parts = {'a': [('chair', 9, mask(0, 6, 0, 8), [('head', mask(0, 6, 0, 8))]),  # not a person: ignored
+                   ('person', 15, mask(0, 6, 0, 8), person), ('person', 15, mask(0, 1, 0, 1), [])],
+             'b': [('chair', 9, mask(0, 6, 0, 8), [('head', mask(0, 6, 0, 8))])],  # no person
+             'c': [('person', 15, mask(0, 6, 0, 8), [])]}  # a person without a part list
+    root = make_pascal(tmp_path, ids=('a', 'b', 'c'), parts=parts)
+    ds = data.PASCALContext(root, 'val', tasks=('human_parts',), size=(8, 8))
+    expect = np.zeros(hw, np.int64)
+    expect[0:4], expect[2:4, 0:2], expect[5, 0:2], expect[4], expect[5, 2:4] = 2, 4, 1, 5, 6
+    assert (ds[0]['human_parts'].numpy() == expect).all()
+    assert ds[1]['human_parts'].eq(255).all() and ds[2]['human_parts'].eq(255).all()
+    assert data.PART_ID['llarm'] == 4 and data.PART_ID['neck'] == 2 and len(set(data.PART_ID.values())) == 6
+
+
+def test_pascal_saliency_threshold(tmp_path):
+    root = make_pascal(tmp_path)
+    Image.fromarray(np.array([[0, 127, 128, 255]] * 6, np.uint8).repeat(2, 1)).save(root / 'sal_distill/a.png')
+    s = data.PASCALContext(root, 'val', tasks=('sal',), size=(8, 8))[0]
+    assert s['sal'].shape == (1, 6, 8) and s['sal'][0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Augmentation (SPEC 1.3)
+
+def test_flip_mirrors_everything_and_negates_normals_x(tmp_path, monkeypatch):
+    root = make_nyud(tmp_path, variant='png')
+    plain = force(data.NYUD(root, 'train', size=(6, 8)), monkeypatch)[0]
+    ref = data.NYUD(root, 'val', size=(6, 8))[0]
+    for key in ('image', 'semseg', 'depth', 'normals'):  # identity augmentation == eval at the same size
+        assert torch.allclose(plain[key].float(), ref[key].float(), atol=1e-5), key
+    flipped = force(data.NYUD(root, 'train', size=(6, 8)), monkeypatch, flip=True)[0]
+    for key in ('image', 'semseg', 'depth'):
+        assert torch.allclose(flipped[key].float(), ref[key].flip(-1).float(), atol=1e-5), key
+    assert torch.allclose(flipped['normals'], ref['normals'].flip(-1) * torch.tensor([-1., 1, 1]).view(3, 1, 1))
+
+
+def test_nyud_zoom_divides_depth(tmp_path, monkeypatch):
+    hw, zoom = (12, 24), 1.5
+    root = make_nyud(tmp_path, hw=hw)
+    depth = np.load(root / 'depth/a.npy')
+    s = force(data.NYUD(root, 'train', size=hw), monkeypatch, scale=zoom)[0]
+    # centred zoom: output pixel centre q maps to the input point c + (q - c) / zoom, nearest pixel
+    y, x = [(c + (np.arange(n) + 0.5 - c) / zoom) for n, c in zip(hw, (6, 12))]
+    safe = np.outer((y % 1 > .01) & (y % 1 < .99), (x % 1 > .01) & (x % 1 < .99))  # off pixel borders
+    expect = depth[np.ix_(y.astype(int), x.astype(int))] / zoom
+    assert np.allclose(s['depth'][0].numpy()[safe], expect[safe]) and safe.mean() > 0.4
+
+
+def test_pascal_rotation_borders_and_unsupervised_parts(tmp_path, monkeypatch):
+    hw = (12, 16)
+    root = make_pascal(tmp_path, hw=hw, parts={'a': [('person', 15, np.ones(hw), [('torso', np.ones(hw, bool))])]})
+    ds = force(data.PASCALContext(root, 'train', size=(16, 16)), monkeypatch, angle=20.0, scale=0.75)
+    s = ds[0]
+    corners = (slice(0, 1), slice(0, 1))
+    assert s['semseg'][corners].eq(0).all() and s['semseg'][8, 8] == 7  # border 0, inside unchanged
+    assert s['human_parts'][corners].eq(0).all() and s['human_parts'][8, 8] == 2
+    assert s['sal'][0][corners].eq(0).all() and s['sal'][0, 8, 8] == 1
+    assert s['image'][:, 0, 0].abs().max() < 0.02  # border = mean colour = 0 after normalisation
+    assert s['semseg'].shape == s['human_parts'].shape == (16, 16) and s['sal'].shape == (1, 16, 16)
+    assert ds[1]['human_parts'].eq(255).all()  # no parts: stays unsupervised everywhere
+
+
+def test_augmentation_randomness_follows_torch_seed(tmp_path):
+    ds = data.PASCALContext(make_pascal(tmp_path, hw=(12, 16)), 'train', size=(16, 16))
+    torch.manual_seed(0)
+    a = [ds[0]['image'] for _ in range(4)]
+    torch.manual_seed(0)
+    b = [ds[0]['image'] for _ in range(4)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], a[1])
+
+
+def test_collate_mixed_label_sizes(tmp_path):
+    root = make_pascal(tmp_path)
+    make_pascal(tmp_path, ids=('c',), hw=(8, 6))
+    for split in ('train', 'val'):
+        (tmp_path / f'ImageSets/Context/{split}.txt').write_text('a\nc\n')
+    batch = data.collate([data.PASCALContext(root, 'val', size=(8, 8))[i] for i in range(2)])
+    assert batch['image'].shape == (2, 3, 8, 8) and isinstance(batch['semseg'], list)
+    assert [t.shape for t in batch['semseg']] == [(6, 8), (8, 6)] and [m['id'] for m in batch['meta']] == ['a', 'c']
+    train = data.collate([data.PASCALContext(root, 'train', size=(8, 8))[i] for i in range(2)])
+    assert train['semseg'].shape == (2, 8, 8) and train['sal'].shape == (2, 1, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Toy generator
+
+def test_toy_nyud_loads_and_is_geometrically_coherent(tmp_path):
+    h, w = 48, 64
+    root = data.make_toy(tmp_path, 'nyud', n_train=8, n_val=2, size=(h, w))
+    ds = data.NYUD(root, 'train', train=False, num_classes=len(data.TOY_CLASSES), size=(h, w))
+    assert len(ds) == 8 and len(data.NYUD(root, 'val', num_classes=6)) == 2 and len(data.TOY_CLASSES) >= 6
+    classes = set()
+    f = data.TOY_FOCAL * w
+    v, u = np.mgrid[:h, :w] + 0.5
+    for s in ds:
+        depth, normals, seg = s['depth'][0].numpy(), s['normals'].permute(1, 2, 0).numpy(), s['semseg'].numpy()
+        classes |= set(seg.ravel()) - {255}
+        valid = depth > 0
+        assert 0.5 < depth[valid].min() and depth.max() < 12 and 0.02 < 1 - valid.mean() < 0.08  # holes ~5 %
+        assert np.allclose(np.linalg.norm(normals[valid], axis=-1), 1, atol=1e-5) and (normals[~valid] == 0).all()
+        floor = (seg == data.TOY_CLASSES.index('floor')) & valid
+        n = normals[floor]  # a flat floor: one normal, and every back-projected point on the same plane
+        assert np.abs(n - n.mean(0)).max() < 1e-4 and n.mean(0)[1] < -0.9  # camera y is down: floor faces up
+        rays = np.stack([(u[floor] - w / 2) / f, (v[floor] - h / 2) / f, np.ones(floor.sum())], -1)  # z = 1
+        points = depth[floor, None] * rays  # back-projected with the toy intrinsics (metres)
+        height = -(points @ n.mean(0))
+        assert np.ptp(height) < 1e-3 and 1.2 <= height.mean() <= 1.6  # the camera height
+    assert classes == set(range(len(data.TOY_CLASSES)))
+
+
+def test_toy_pascal_loads(tmp_path):
+    root = data.make_toy(tmp_path, 'pascal', n_train=10, n_val=2, size=(48, 64))
+    ds = data.PASCALContext(root, 'train', train=False, size=(64, 64))
+    samples = list(ds)
+    assert len({s['meta']['size'] for s in samples}) > 2  # sizes vary, some portrait
+    assert any(s['meta']['size'][0] > s['meta']['size'][1] for s in samples)
+    parts = [s['human_parts'] for s in samples]
+    assert any(p.eq(255).all() for p in parts)  # some images without a figure
+    assert set(torch.cat([p.ravel() for p in parts if not p.eq(255).all()]).tolist()) == set(range(7))
+    assert set(torch.cat([s['semseg'].ravel() for s in samples]).tolist()) <= {0, 5, 9, 15, 16}
+    for s in samples:
+        assert ((s['semseg'] > 0).float() == s['sal'][0]).all()  # foreground objects are salient
+        assert (s['human_parts'][s['semseg'] != 15] <= 0).all() or s['human_parts'].eq(255).all()
+    assert data.PASCALContext(root, 'train')[0]['image'].shape == (3, 512, 512)
+
+
+def test_toy_is_deterministic_and_reused(tmp_path):
+    a = data.make_toy(tmp_path / 'a', 'pascal', n_train=3, n_val=1, size=(32, 40), seed=1)
+    b = data.make_toy(tmp_path / 'b', 'pascal', n_train=3, n_val=1, size=(32, 40), seed=1)
+    c = data.make_toy(tmp_path / 'c', 'pascal', n_train=3, n_val=1, size=(32, 40), seed=2)
+    files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
+    assert len(files) == 4 * 4 + 2
+    read = lambda root, f: open(os.path.join(root, f), 'rb').read()
+    assert all(read(a, f) == read(b, f) for f in files if not f.endswith('.mat'))  # .mat headers hold a date
+    for x, y in zip(data.PASCALContext(a, train=False), data.PASCALContext(b, train=False)):
+        assert torch.equal(x['human_parts'], y['human_parts'])
+    assert read(a, 'JPEGImages/2008_000000.jpg') != read(c, 'JPEGImages/2008_000000.jpg')
+    stamp = os.path.getmtime(os.path.join(a, 'JPEGImages/2008_000000.jpg'))
+    data.make_toy(tmp_path / 'a', 'pascal', n_train=3, n_val=1, size=(32, 40), seed=1)  # complete: not rewritten
+    assert os.path.getmtime(os.path.join(a, 'JPEGImages/2008_000000.jpg')) == stamp
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors name the file
+
+def test_missing_root_and_split_file(tmp_path):
+    with pytest.raises(data.DataError, match='dataset root not found.*gt_sets.*14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw'):
+        data.NYUD(tmp_path / 'nowhere')
+    with pytest.raises(data.DataError, match='split file not found.*Context.train.txt.*PASCAL_MT.tgz'):
+        data.PASCALContext(tmp_path)
+
+
+@pytest.mark.parametrize('name, payload', [('images/a.jpg', None), ('depth/a.npy', None),
+                                           ('images/a.jpg', b'not a jpeg'), ('segmentation/a.png', b'\x89PNG junk'),
+                                           ('normals/a.npy', b'garbage'), ('depth/a.npy', b'\x93NUMPY')])
+def test_missing_or_corrupt_nyud_file(tmp_path, name, payload):
+    root = make_nyud(tmp_path)
+    os.remove(root / name) if payload is None else (root / name).write_bytes(payload)
+    with pytest.raises(data.DataError, match=('missing file' if payload is None else 'cannot read') + '.*' + name):
+        data.NYUD(root)[0]
+
+
+def test_corrupt_mat_and_truncated_jpg(tmp_path):
+    root = make_pascal(tmp_path)
+    (root / 'human_parts/a.mat').write_bytes(b'MATLAB 5.0 MAT-file, broken')
+    with pytest.raises(data.DataError, match='human_parts/a.mat'):
+        data.PASCALContext(root)[0]
+    jpg = (root / 'JPEGImages/b.jpg').read_bytes()
+    (root / 'JPEGImages/b.jpg').write_bytes(jpg[:len(jpg) // 2])
+    with pytest.raises(data.DataError, match='JPEGImages/b.jpg'):
+        data.PASCALContext(root)[1]
+
+
+def test_label_size_mismatch_and_out_of_range(tmp_path):
+    root = make_nyud(tmp_path)
+    np.save(root / 'depth/a.npy', np.ones((5, 8), np.float32))
+    with pytest.raises(data.DataError, match=r'depth/a.npy: label size 5x8 does not match image size 6x8'):
+        data.NYUD(root)[0]
+    with pytest.raises(data.DataError, match=r'segmentation/b.png: semseg value 40 out of range 0..6'):
+        data.NYUD(root, num_classes=6)[1]
+    root = make_pascal(tmp_path / 'p', semseg=30)
+    with pytest.raises(data.DataError, match=r'pascal-context/a.png: semseg values \[30\] out of range'):
+        data.PASCALContext(root)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# python data.py check
+
+def test_check_passes_on_toys(tmp_path, capsys):
+    data.make_toy(tmp_path / 'n', 'nyud', n_train=4, n_val=2, size=(32, 40))
+    data.make_toy(tmp_path / 'p', 'pascal', n_train=4, n_val=2, size=(32, 40))
+    assert data.main(['check', '--dataset', 'nyud', str(tmp_path / 'n'), '--any-split-size']) == 0
+    assert data.main(['check', '--dataset', 'pascal', str(tmp_path / 'p'), '--any-split-size']) == 0
+    out = capsys.readouterr().out
+    assert 'NYUD_MT' in out and 'human parts:' in out and 'NOT usable' not in out
+
+
+@pytest.mark.parametrize('damage, name', [('missing', 'depth/0001.npy'), ('corrupt', 'segmentation/0002.png'),
+                                          ('range', 'segmentation/0003.png'), ('split', 'gt_sets/train.txt')])
+def test_check_reports_problems(tmp_path, capsys, damage, name):
+    root = data.make_toy(tmp_path, 'nyud', n_train=4, n_val=2, size=(32, 40))
+    if damage == 'missing':
+        os.remove(root / name)
+    elif damage == 'corrupt':
+        (root / name).write_bytes(b'\x89PNG broken')
+    elif damage == 'range':
+        Image.fromarray(np.full((32, 40), 41, np.uint8)).save(root / name)
+    argv = ['check', '--dataset', 'nyud', str(root)] + ([] if damage == 'split' else ['--any-split-size'])
+    assert data.main(argv) != 0
+    out = capsys.readouterr().out
+    assert 'NOT usable' in out and name in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses, balancers, metrics (SPEC 3, 4)
+
+
+def test_semseg_loss_equals_cross_entropy():
+    torch.manual_seed(0)
+    pred = torch.randn(2, 4, 3, 5, requires_grad=True)
+    target = torch.randint(0, 4, (2, 3, 5))
+    target[0, 0] = 255
+    loss = task_loss("semseg", pred, target)
+    assert torch.allclose(loss, F.cross_entropy(pred, target, ignore_index=255))
+
+
+@pytest.mark.parametrize("task, pred, target", [
+    ("semseg", torch.randn(2, 3, 4, 4), torch.full((2, 4, 4), 255)),
+    ("human_parts", torch.randn(1, 7, 4, 4), torch.full((1, 4, 4), 255)),
+    ("depth", torch.randn(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)),
+    ("normals", torch.randn(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)),
+])
+def test_loss_without_valid_pixel_is_zero_and_backpropagates(task, pred, target):
+    pred = pred.clone().requires_grad_()
+    loss = task_loss(task, pred, target)
+    assert loss.item() == 0.0 and loss.grad_fn is not None
+    loss.backward()
+    assert torch.equal(pred.grad, torch.zeros_like(pred))
+
+
+def test_depth_and_normals_losses_by_hand():
+    pred = torch.tensor([[1.5, 9.0], [2.0, 3.0]]).view(1, 1, 2, 2)
+    target = torch.tensor([[1.0, 0.0], [2.0, 4.0]]).view(1, 1, 2, 2)
+    assert task_loss("depth", pred, target).item() == pytest.approx((0.5 + 0 + 1) / 3)
+    assert task_loss("depth", pred.bfloat16(), target).dtype == torch.float32
+    # pixel 0: (2,0,0) vs (1,0,0) -> 0; pixel 1: (0,0,3) vs (0,1,0) -> |0|+|-1|+|1| = 2; pixel 2 invalid
+    pred = torch.tensor([[2.0, 0, 0], [0, 0, 3], [5, 5, 5]]).T.reshape(1, 3, 1, 3)
+    target = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 0]]).T.reshape(1, 3, 1, 3)
+    assert task_loss("normals", pred, target).item() == pytest.approx(2 / 6)
+
+
+def test_balanced_bce_by_hand():
+    pred = torch.tensor([2.0, -1.0, 0.0, 1.0]).view(1, 1, 2, 2)
+    target = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)
+    w = 3 / 4  # fraction of negatives, weighting the one positive
+    expected = (w * math.log1p(math.exp(-2)) + (1 - w) * (math.log1p(math.exp(-1)) + math.log(2)
+                                                          + math.log1p(math.exp(1)))) / 4
+    assert task_loss("sal", pred, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_multi_task_losses_aux_weighting():
+    target = torch.tensor([[1.0, 2.0]]).view(1, 1, 1, 2)
+    final = torch.tensor([[1.5, 2.0]]).view(1, 1, 1, 2)  # L1 = 0.25
+    aux = [torch.tensor([[2.0, 3.0]]).view(1, 1, 1, 2), torch.tensor([[3.0, 4.0]]).view(1, 1, 1, 2)]  # 1, 2
+    losses = multi_task_losses({"depth": final}, {"depth": aux}, {"depth": target})
+    assert losses["depth"].item() == pytest.approx(0.25 + 0.5 * 1.5)
+    losses = multi_task_losses({"depth": final}, {"depth": []}, {"depth": target}, aux_weight=0.5)
+    assert losses["depth"].item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="no loss for task 'edge'"):
+        task_loss("edge", final, target)
+
+
+# balancers
+
+TASKS = ["semseg", "depth", "normals"]
+
+
+def run_lps_epoch(balancer, projected_per_step):
+    """One epoch of steps whose projected losses P_t = log(1 + L_t) are given (float64, exact)."""
+    for step in projected_per_step:
+        balancer({t: torch.tensor(math.expm1(p), dtype=torch.float64) for t, p in zip(TASKS, step)})
+    return balancer.end_epoch()
+
+
+# epoch means of P (semseg, depth, normals): (3, 1, 2), (2.4, 0.9, 1.5), (2.4, 0.45, 1.5)
+LPS_EPOCHS = [[(2.0, 1.0, 2.0), (4.0, 1.0, 2.0)], [(2.4, 0.9, 1.5)], [(2.0, 0.4, 1.0), (2.8, 0.5, 2.0)]]
+
+
+def assert_weights(weights, expected):
+    assert list(weights) == TASKS
+    assert list(weights.values()) == pytest.approx(expected, rel=1e-9)
+
+
+def test_lps_by_hand():
+    lps = make_balancer("lps", TASKS)
+    assert_weights(lps.weights, [1, 1, 1])
+    total = lps({t: torch.tensor(math.expm1(p), dtype=torch.float64) for t, p in zip(TASKS, (2.0, 1.0, 2.0))})
+    assert total.item() == pytest.approx(5.0)  # epoch 0: w = 1, objective sum_t P_t
+    run_lps_epoch(lps, LPS_EPOCHS[0][1:])
+    # inverse share: M = 6, 6/m = (2, 6, 3), mean 11/3 -> (6/11, 18/11, 9/11)
+    assert_weights(lps.weights, [6 / 11, 18 / 11, 9 / 11])
+    total = lps({t: torch.tensor(math.expm1(p), dtype=torch.float64) for t, p in zip(TASKS, LPS_EPOCHS[1][0])})
+    assert total.item() == pytest.approx(6 / 11 * 2.4 + 18 / 11 * 0.9 + 9 / 11 * 1.5)  # sum_t w_t P_t
+    lps.end_epoch()
+    # M 6 -> 4.8 (x0.8); r = (0.8, 0.9, 0.75) / 0.8 = (1, 1.125, 0.9375), mean 49/48; w = mean + 7.5 (r - mean)
+    assert_weights(lps.weights, [49 / 48 - 7.5 / 48, 49 / 48 + 7.5 * 5 / 48, 49 / 48 - 7.5 * 4 / 48])
+    state = io.BytesIO()
+    torch.save(lps.state_dict(), state)
+    run_lps_epoch(lps, LPS_EPOCHS[2])
+    # M 4.8 -> 4.35 (x29/32); r = (1, 0.5, 1) * 32/29, mean 80/87; depth 80/87 - 7.5 * 32/87 < 0 -> floor 0.1
+    assert_weights(lps.weights, [200 / 87, 0.1, 200 / 87])
+    # a fresh balancer resumed from the checkpoint continues identically
+    state.seek(0)
+    resumed = make_balancer("lps", TASKS)
+    resumed.load_state_dict(torch.load(state, weights_only=True))
+    assert len(resumed.history) == 2
+    run_lps_epoch(resumed, LPS_EPOCHS[2])
+    assert resumed.weights == lps.weights and resumed.history == lps.history
+    with pytest.raises(ValueError, match="tasks"):
+        make_balancer("lps", ["semseg", "depth"]).load_state_dict(lps.state_dict())
+
+
+def test_lps_pascal_spread():
+    lps = make_balancer("lps", TASKS, spread=1.6)
+    for epoch in LPS_EPOCHS[:2]:
+        run_lps_epoch(lps, epoch)
+    assert_weights(lps.weights, [49 / 48 - 1.6 / 48, 49 / 48 + 1.6 * 5 / 48, 49 / 48 - 1.6 * 4 / 48])
+
+
+def test_equal_and_unknown_balancer():
+    equal = make_balancer("equal", TASKS)
+    total = equal({t: torch.tensor(v) for t, v in zip(TASKS, (1.0, 2.0, 3.5))})
+    assert total.item() == 6.5 and equal.weights == {t: 1.0 for t in TASKS}
+    assert list(equal.parameters()) == []
+    with pytest.raises(ValueError, match="expects losses for"):
+        equal({"semseg": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="unknown balancer"):
+        make_balancer("gradnorm", TASKS)
+
+
+def test_dwa_by_hand():
+    dwa = make_balancer("dwa", ["semseg", "depth"])
+    for losses in [(1.0, 2.0), (0.5, 2.0)]:
+        dwa({"semseg": torch.tensor(losses[0]), "depth": torch.tensor(losses[1])})
+        assert dwa.weights == {"semseg": 1.0, "depth": 1.0}  # the first two epochs
+        dwa.end_epoch()
+    # r = (0.5, 1); w = 2 softmax(r / 2) = 2 e^{r/2} / (e^{0.25} + e^{0.5})
+    expected = {"semseg": 2 / (1 + math.exp(0.25)), "depth": 2 * math.exp(0.25) / (1 + math.exp(0.25))}
+    assert dwa.weights == pytest.approx(expected)
+    total = dwa({"semseg": torch.tensor(1.0), "depth": torch.tensor(1.0)})
+    assert total.item() == pytest.approx(2.0)
+
+
+def test_uw_by_hand():
+    uw = make_balancer("uw", ["semseg", "depth"])
+    losses = {"semseg": torch.tensor(2.0, requires_grad=True), "depth": torch.tensor(3.0)}
+    assert uw(losses).item() == pytest.approx(5.0)  # s = 0
+    with torch.no_grad():
+        uw.log_vars["semseg"].fill_(math.log(2))
+    total = uw(losses)
+    assert total.item() == pytest.approx(0.5 * 2 + math.log(2) + 3)
+    total.backward()
+    # d/ds_t = 1 - exp(-s_t) L_t: semseg 1 - 0.5 * 2 = 0, depth 1 - 3 = -2; d/dL_semseg = exp(-s) = 0.5
+    assert uw.log_vars["semseg"].grad.item() == pytest.approx(0.0, abs=1e-6)
+    assert uw.log_vars["depth"].grad.item() == pytest.approx(-2.0)
+    assert losses["semseg"].grad.item() == pytest.approx(0.5)
+    assert uw.weights == pytest.approx({"semseg": 0.5, "depth": 1.0})
+    resumed = make_balancer("uw", ["semseg", "depth"])
+    resumed.load_state_dict(uw.state_dict())
+    assert torch.equal(resumed.log_vars["semseg"], uw.log_vars["semseg"])
+
+
+# metrics
+
+
+def one_hot_logits(labels, classes):
+    return F.one_hot(labels, classes).permute(0, 3, 1, 2).float()  # (B, C, H, W)
+
+
+def test_semseg_spec_vector():
+    gt = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 255], [1, 1, 2, 2]]])
+    pred = torch.tensor([[[0, 1, 1, 1], [0, 2, 0, 3], [1, 1, 2, 2]]])
+    metrics = Metrics({"semseg": 4})
+    metrics.update({"semseg": one_hot_logits(pred, 4)}, {"semseg": gt})
+    result = metrics.compute()["semseg"]
+    assert result["mIoU"] == pytest.approx(100 * (0.5 + 0.8 + 0.75 + 0) / 4)  # 51.25
+    assert result["pixel_acc"] == pytest.approx(100 * 9 / 11)
+
+
+def test_human_parts_all_ignore_image_contributes_nothing():
+    gt = torch.tensor([[[0, 1], [2, 2]], [[255, 255], [255, 255]]])
+    pred = torch.tensor([[[0, 1], [2, 0]], [[1, 1], [1, 1]]])
+    metrics = Metrics({"human_parts": 3})
+    metrics.update({"human_parts": one_hot_logits(pred, 3)}, {"human_parts": gt})
+    result = metrics.compute()["human_parts"]
+    assert result["mIoU"] == pytest.approx(100 * (1 / 2 + 1 + 1 / 2) / 3)
+    assert result["pixel_acc"] == pytest.approx(75.0)
+    with pytest.raises(ValueError, match="labels outside"):
+        metrics.update({"human_parts": one_hot_logits(pred.clamp(max=2), 3)}, {"human_parts": gt.clamp(max=7)})
+
+
+def test_depth_spec_vector_and_by_hand():
+    metrics = Metrics({"depth": 1})
+    metrics.update({"depth": torch.tensor([[1.5, 2], [3, 3]]).view(1, 1, 2, 2)},
+                   {"depth": torch.tensor([[1.0, 2], [0, 4]]).view(1, 1, 2, 2)})
+    metrics.update({"depth": torch.tensor([[2.5, 6]]).view(1, 1, 1, 2)},
+                   {"depth": torch.tensor([[2.0, 7]]).view(1, 1, 1, 2)})
+    assert metrics.compute()["depth"]["rmse"] == pytest.approx(0.707107, abs=1e-6)
+    # (gt, pred): (1, 1), (2, 1), (4, 4.5), (1, -1 -> clamped to 1e-3), (0, 7) invalid
+    metrics = Metrics({"depth": 1})
+    metrics.update({"depth": torch.tensor([1.0, 1, 4.5, -1, 7]).view(1, 1, 1, 5)},
+                   {"depth": torch.tensor([1.0, 2, 4, 1, 0]).view(1, 1, 1, 5)})
+    result = metrics.compute()["depth"]
+    assert result["rmse"] == pytest.approx(math.sqrt((0 + 1 + 0.25 + 4) / 4))
+    assert result["log_rmse"] == pytest.approx(
+        math.sqrt((math.log(2) ** 2 + math.log(1.125) ** 2 + math.log(1e-3) ** 2) / 4), rel=1e-5)
+    assert result["abs_rel"] == pytest.approx((0 + 0.5 + 0.125 + 0.999) / 4, rel=1e-5)
+    assert result["delta1"] == pytest.approx(50.0)
+
+
+def test_normals_known_angles():
+    d = math.radians
+    gt = torch.tensor([[0, 0, 1.0]] * 5 + [[0, 0, 0]])  # the last pixel is invalid
+    pred = torch.tensor([[0, 0, 2.0], [3, 0, 0], [1, 0, 1], [0, math.sin(d(20)), math.cos(d(20))],
+                         [0, 2 * math.sin(d(60)), 2 * math.cos(d(60))], [1, 0, 0]])  # 0, 90, 45, 20, 60 deg
+    metrics = Metrics({"normals": 3})
+    metrics.update({"normals": pred.T.reshape(1, 3, 2, 3)}, {"normals": gt.T.reshape(1, 3, 2, 3)})
+    result = metrics.compute()["normals"]
+    assert result["mean"] == pytest.approx(43.0, abs=1e-4)
+    assert result["median"] == pytest.approx(45.0, abs=0.01)  # within the histogram bin
+    assert result["rmse"] == pytest.approx(math.sqrt((90 ** 2 + 45 ** 2 + 20 ** 2 + 60 ** 2) / 5), abs=1e-4)
+    assert (result["11.25"], result["22.5"], result["30"]) == pytest.approx((20.0, 40.0, 40.0))
+
+
+def logit(p):
+    return math.log(p / (1 - p))
+
+
+def test_saliency_maxf_and_miou_by_hand():
+    metrics = Metrics({"sal": 1})
+    # image 1: GT (1, 1, 0, 0); image 2: no salient pixel, nothing predicted above 0.2 (IoU 1)
+    probs = torch.tensor([[0.92, 0.32, 0.72, 0.12], [0.12] * 4]).apply_(logit)
+    metrics.update({"sal": probs.view(2, 1, 1, 4)}, {"sal": torch.tensor([[1.0, 1, 0, 0], [0] * 4]).view(2, 1, 1, 4)})
+    # image 3: GT (1, 0)
+    metrics.update({"sal": torch.tensor([logit(0.62), logit(0.22)]).view(1, 1, 1, 2)},
+                   {"sal": torch.tensor([1.0, 0]).view(1, 1, 1, 2)})
+    result = metrics.compute()["sal"]
+    # pooled: positives 0.92 0.32 0.62, negatives 0.72 0.22 0.12 (x5); the best threshold, 0.25 or 0.30,
+    # gives tp 3, fp 1, fn 0: P = 3/4, R = 1, F = 1.3 * 0.75 / (0.3 * 0.75 + 1) = 39/49
+    assert result["maxF"] == pytest.approx(100 * 39 / 49, rel=1e-6)
+    # per-image IoU at 0.25 / 0.30: image 1 {0.92, 0.32, 0.72} vs GT -> 2/3, image 2 -> 1, image 3 -> 1
+    assert result["mIoU"] == pytest.approx(100 * (2 / 3 + 1 + 1) / 3, rel=1e-6)
+
+
+def random_batch(seed, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    preds = {"semseg": torch.randn(batch, 5, 6, 7, generator=g),
+             "human_parts": torch.randn(batch, 3, 6, 7, generator=g),
+             "depth": torch.rand(batch, 1, 6, 7, generator=g) * 4 - 0.5,  # some negative predictions
+             "normals": torch.randn(batch, 3, 6, 7, generator=g),
+             "sal": torch.randn(batch, 1, 6, 7, generator=g)}
+    targets = {"semseg": torch.randint(0, 5, (batch, 6, 7), generator=g),
+               "human_parts": torch.randint(0, 3, (batch, 6, 7), generator=g),
+               "depth": torch.rand(batch, 1, 6, 7, generator=g) * 4,
+               "normals": F.normalize(torch.randn(batch, 3, 6, 7, generator=g), dim=1),
+               "sal": (torch.rand(batch, 1, 6, 7, generator=g) > 0.6).float()}
+    targets["semseg"][:, 0] = 255
+    targets["human_parts"][1] = 255  # an image without parts
+    targets["depth"][:, :, 0] = 0
+    targets["normals"][:, :, :, 0] = 0
+    return preds, targets
+
+
+NUM_OUTPUTS = {"semseg": 5, "human_parts": 3, "depth": 1, "normals": 3, "sal": 1}
+
+
+def metrics_of(preds, targets, shards=(slice(None),)):
+    metrics = Metrics(NUM_OUTPUTS)
+    for shard in shards:
+        metrics.update({t: p[shard] for t, p in preds.items()}, {t: y[shard] for t, y in targets.items()})
+    return metrics.compute()
+
+
+def assert_same_results(a, b):
+    assert a.keys() == b.keys()
+    for task in a:
+        assert a[task] == pytest.approx(b[task], rel=1e-9, abs=1e-12), task
+
+
+def test_metrics_two_updates_equal_one():
+    preds, targets = random_batch(0)
+    assert_same_results(metrics_of(preds, targets, [slice(0, 1), slice(1, 4)]), metrics_of(preds, targets))
+
+
+def test_delta_m_spec_vector():
+    stl = {"semseg": {"mIoU": 50.0}, "depth": {"rmse": 0.50}, "normals": {"mean": 20.0}}
+    mtl = {"semseg": {"mIoU": 51.0}, "depth": {"rmse": 0.51}, "normals": {"mean": 19.5}}
+    assert delta_m(mtl, stl) == pytest.approx(0.8333, abs=1e-4)
+    assert HEADLINE["depth"] == ("rmse", -1)
+
+
+# two gloo ranks
+
+# each rank's epochs of projected losses; their union is LPS_EPOCHS
+RANK_EPOCHS = [[LPS_EPOCHS[0][:1], LPS_EPOCHS[1], LPS_EPOCHS[2][:1]],
+               [LPS_EPOCHS[0][1:], LPS_EPOCHS[1], LPS_EPOCHS[2][1:]]]
+
+
+def gloo_worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    preds, targets = random_batch(0, batch=5)
+    shard = [slice(i, i + 1) for i in range(rank, 5, 2)]  # range(rank, N, world), one image per update
+    metrics = metrics_of(preds, targets, shard)
+    only_rank0 = metrics_of(preds, targets, [] if rank else [slice(None)])  # rank 1 has an empty shard
+    lps = make_balancer("lps", TASKS)
+    weights = [run_lps_epoch(lps, epoch) for epoch in RANK_EPOCHS[rank]]
+    torch.save({"metrics": metrics, "only_rank0": only_rank0, "weights": weights}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gloo")
+    mp.spawn(gloo_worker, args=(str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def test_gloo_metrics_equal_single_process(gloo_results):
+    preds, targets = random_batch(0, batch=5)
+    single = metrics_of(preds, targets)
+    for result in gloo_results:
+        assert_same_results(result["metrics"], single)
+        assert_same_results(result["only_rank0"], single)
+
+
+def test_gloo_lps_weights_identical_across_ranks(gloo_results):
+    assert gloo_results[0]["weights"] == gloo_results[1]["weights"]
+    single = make_balancer("lps", TASKS)
+    for epoch, weights in zip(LPS_EPOCHS, gloo_results[0]["weights"]):
+        assert weights == pytest.approx(run_lps_epoch(single, epoch), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model (SPEC 2)
+
+TINY = dict(dim=16)
+THREE = {"semseg": 5, "depth": 1, "normals": 3}
+
+
+@pytest.mark.parametrize("backbone", ["swin_tiny_patch4_window7_224", "test_convnext", "test_resnet"])
+@pytest.mark.parametrize("size", [(64, 96), (75, 100)])
+def test_model_shapes_for_1_2_3_tasks(backbone, size):
+    for n in (1, 2, 3):
+        num_outputs = dict(list(THREE.items())[:n])
+        model = mtcp.MTCP(num_outputs, backbone=backbone, img_size=size, **TINY).eval()
+        with torch.no_grad():
+            preds, aux = model(torch.randn(2, 3, *size))
+        assert (model.cfm is None) == (n == 1)  # one task: no CFM partner
+        for t, c in num_outputs.items():
+            assert preds[t].shape == (2, c, *size)
+            assert [a.shape for a in aux[t]] == [(2, c, *size)] * 3
+
+
+def test_every_parameter_gets_a_finite_gradient():
+    torch.manual_seed(0)
+    model = mtcp.MTCP(THREE, backbone="test_convnext", img_size=(64, 64), **TINY)
+    preds, aux = model(torch.randn(2, 3, 64, 64))
+    targets = {"semseg": torch.randint(0, 5, (2, 64, 64)), "depth": torch.rand(2, 1, 64, 64) + 1,
+               "normals": F.normalize(torch.randn(2, 3, 64, 64), dim=1)}
+    sum(mtcp.multi_task_losses(preds, aux, targets).values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient (DDP would need find_unused_parameters): {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cfm_attention_equals_naive_softmax():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 50, 32) * 0.3, torch.randn(2, 50, 32) * 0.3
+    v = torch.randn(2, 50, 16)
+    reference = torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v  # (B, N, Dv), no 1/sqrt(d)
+    torch.testing.assert_close(mtcp.global_attention(q, k, v), reference, atol=1e-5, rtol=1e-5)
+    cfm = mtcp.CoherenceFusion(dim=16, num_aux=2).eval()
+    x, others = torch.randn(2, 16, 6, 7), [torch.randn(2, 16, 6, 7) for _ in range(2)]
+    with torch.no_grad():
+        fast = cfm(x, others)
+        cfm.naive_attention = True
+        torch.testing.assert_close(fast, cfm(x, others), atol=1e-5, rtol=1e-5)
+
+
+def test_ablation_switches_run_and_shrink_the_model():
+    full = mtcp.MTCP(THREE, backbone="test_resnet", img_size=(64, 64), **TINY)
+    size = sum(p.numel() for p in full.parameters())
+    for kwargs in (dict(cfm=False), dict(traceback=False)):
+        model = mtcp.MTCP(THREE, backbone="test_resnet", img_size=(64, 64), **TINY, **kwargs).eval()
+        assert sum(p.numel() for p in model.parameters()) < size
+        with torch.no_grad():
+            preds, aux = model(torch.randn(1, 3, 64, 64))
+        assert preds["depth"].shape == (1, 1, 64, 64)
+        assert all(len(a) == (0 if "traceback" in kwargs else 3) for a in aux.values())
+
+
+def test_input_of_another_size_is_a_clear_error():
+    model = mtcp.MTCP({"depth": 1}, backbone="test_resnet", img_size=(64, 64), **TINY)
+    with pytest.raises(ValueError, match=r"built for inputs of \(64, 64\), got \(64, 80\)"):
+        model(torch.randn(1, 3, 64, 80))
+
+
+def test_backbone_weights_load_strictly(tmp_path):
+    import timm
+    state = timm.create_model("test_convnext").state_dict()  # a classification checkpoint, as timm's hub has
+    torch.save(state, tmp_path / "good.pth")
+    model = mtcp.MTCP({"depth": 1}, backbone="test_convnext", weights=str(tmp_path / "good.pth"),
+                      img_size=(64, 64), **TINY)
+    torch.testing.assert_close(model.backbone.body.stem_0.weight, state["stem.0.weight"])
+    state.pop("stages.1.blocks.0.conv_dw.weight")
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="bad.pth do not match the model: 1 missing"):
+        mtcp.MTCP({"depth": 1}, backbone="test_convnext", weights=str(tmp_path / "bad.pth"), img_size=(64, 64), **TINY)
+
+
+def test_overfitting_one_batch_halves_the_loss(tmp_path):
+    torch.manual_seed(0)
+    root = data.make_toy(tmp_path, "nyud", n_train=2, n_val=1, size=(48, 64))
+    train_set = data.NYUD(root, "train", size=(48, 64), num_classes=len(data.TOY_CLASSES), train=False)
+    batch = data.collate([train_set[0], train_set[1]])
+    targets = {t: batch[t] for t in train_set.num_outputs}
+    model = mtcp.MTCP(train_set.num_outputs, backbone="test_resnet", img_size=(48, 64), **TINY)
+    for head in model.heads["depth"]:  # as train() does: start at the mean depth
+        torch.nn.init.constant_(head[-1].bias, targets["depth"][targets["depth"] > 0].mean().item())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    balancer = mtcp.make_balancer("equal", list(train_set.num_outputs))
+    losses = []
+    for _ in range(30):
+        preds, aux = model(batch["image"])
+        loss = balancer(mtcp.multi_task_losses(preds, aux, targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The program: train, resume, eval-only, torchrun, PASCAL, predict, benchmark (SPEC 5)
+
+SMALL = ["--backbone", "test_resnet", "--dim", "16", "--img-size", "48", "64", "--batch-size", "4", "--workers", "0",
+         "--log-every", "1", "--eval-every", "1", "--lr", "2e-3"]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    return str(data.make_toy(tmp_path_factory.mktemp("toy"), "nyud", n_train=8, n_val=4, size=(48, 64)))
+
+
+def run_main(*argv):
+    return mtcp.main([str(a) for a in argv])
+
+
+def test_train_writes_every_output(toy_root, tmp_path, capsys):
+    results = run_main("--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 2, *SMALL)
+    out = capsys.readouterr().out
+    assert "parameters backbone" in out and "ETA" in out and "final metrics" in out
+    assert set(results) == {"semseg", "depth", "normals"}
+    for name in ("config.json", "log.jsonl", "metrics.json", "checkpoint.pt"):
+        assert (tmp_path / name).is_file(), name
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert {"losses", "weights", "next_weights", "lr", "img_per_s", "metrics"} <= set(log[0])
+    assert log[1]["weights"] == log[0]["next_weights"]  # the LPS weights of epoch 2 come from epoch 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == results == log[-1]["metrics"]
+    pictures = list((tmp_path / "vis").glob("*.png"))
+    assert len(pictures) == 4 and Image.open(pictures[0]).size[0] == 3 * 64 + 12  # image | GT | prediction
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+
+
+def test_resume_continues_exactly(toy_root, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    run_main("--data-root", toy_root, "--out-dir", straight, "--epochs", 3, "--balancer", "lps", *SMALL)
+    save = mtcp.save_checkpoint
+
+    def crash_after_epoch_2(path, state):
+        save(path, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+    monkeypatch.setattr(mtcp, "save_checkpoint", crash_after_epoch_2)
+    crashed = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        run_main("--data-root", toy_root, "--out-dir", crashed, "--epochs", 3, "--balancer", "lps", *SMALL)
+    monkeypatch.undo()
+    saved = torch.load(crashed / "checkpoint.pt", weights_only=True)
+    run_main("--resume", "--out-dir", crashed, "--workers", 0)
+    log = [json.loads(line) for line in (crashed / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    balancer = mtcp.make_balancer("lps", ["semseg", "depth", "normals"])
+    balancer.load_state_dict(saved["balancer"])
+    assert log[2]["weights"] == balancer.weights != {t: 1.0 for t in balancer.weights}
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(crashed / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_eval_only_reproduces_the_last_evaluation(toy_root, tmp_path):
+    results = run_main("--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 1, *SMALL)
+    again = run_main("--eval-only", tmp_path / "checkpoint.pt", "--workers", 0)
+    assert_same_results(again, results)
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_root, tmp_path, monkeypatch):
+    run_main("--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 1, *SMALL)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(mtcp, "depth_loss", lambda pred, target: pred.sum() * float("nan"))
+    monkeypatch.setitem(mtcp.TASK_LOSSES, "depth", mtcp.depth_loss)
+    with pytest.raises(FloatingPointError, match="non-finite loss.*last good checkpoint"):
+        run_main("--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 1, *SMALL)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_missing_dataset_root_is_a_clear_error(tmp_path):
+    with pytest.raises(data.DataError, match="NYUD_MT layout"):
+        run_main("--dataset", "nyud", "--data-root", tmp_path / "nowhere", "--no-pretrained", *SMALL)
+
+
+def test_pascal_layout_trains_and_evaluates(tmp_path):
+    root = data.make_toy(tmp_path / "pascal", "pascal", n_train=8, n_val=4, size=(48, 64))
+    results = run_main("--dataset", "pascal", "--data-root", root, "--out-dir", tmp_path / "run", "--epochs", 1,
+                       "--no-pretrained", *SMALL)
+    assert set(results) == {"semseg", "human_parts", "sal"}
+    assert 0 <= results["sal"]["maxF"] <= 100 and 0 <= results["human_parts"]["mIoU"] <= 100
+
+
+def test_torchrun_two_processes_equal_one_process_eval(toy_root, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "mtcp.py",
+           "--data-root", toy_root, "--out-dir", str(tmp_path), "--epochs", "2", "--eval-batch-size", "1",
+           *SMALL[:7], "--batch-size", "2", "--workers", "0", "--log-every", "1", "--eval-every", "1"]
+    run = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(mtcp.__file__)), env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "global batch 4 (2 x 2)" in run.stdout and run.stdout.count("final metrics") == 1  # rank 0 prints
+    distributed = json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    single = subprocess.run([sys.executable, "mtcp.py", "--eval-only", str(tmp_path / "checkpoint.pt"),
+                             "--eval-batch-size", "1", "--workers", "0", "--out-dir", str(tmp_path / "single")],
+                            cwd=os.path.dirname(os.path.abspath(mtcp.__file__)), env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert_same_results(json.loads((tmp_path / "single" / "metrics.json").read_text())["metrics"], distributed)
+
+
+def test_predict_on_own_images(toy_root, tmp_path):
+    run_main("--data-root", toy_root, "--out-dir", tmp_path / "run", "--epochs", 1, *SMALL)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (333, 500, 3), dtype=np.uint8)).save(folder / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (97, 129, 3), dtype=np.uint8)).save(folder / "small.png")
+    out = tmp_path / "pred"
+    run_main("--predict", folder, "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--out-dir", out)
+    for name, (h, w) in (("wide", (333, 500)), ("small", (97, 129))):
+        semseg = np.load(out / f"{name}_semseg.npy")
+        depth, normals = np.load(out / f"{name}_depth.npy"), np.load(out / f"{name}_normals.npy")
+        assert semseg.shape == (h, w) and semseg.dtype == np.int64 and 0 <= semseg.min() <= semseg.max() < 6
+        assert depth.shape == (1, h, w) and depth.dtype == np.float32
+        assert normals.shape == (3, h, w) and np.allclose(np.linalg.norm(normals, axis=0), 1, atol=1e-4)
+        for task in ("semseg", "depth", "normals"):
+            assert Image.open(out / f"{name}_{task}.png").size == (w, h)
+    (folder / "broken.jpg").write_bytes(b"not a picture")
+    with pytest.raises(SystemExit, match="broken.jpg"):
+        run_main("--predict", folder, "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--out-dir", tmp_path / "p2")
+    assert (tmp_path / "p2" / "wide_depth.npy").is_file()  # the readable images were still written
+
+
+def test_benchmark_json_has_every_field(tmp_path):
+    path = tmp_path / "bench.json"
+    run_main("--benchmark", "--benchmark-steps", 1, "--benchmark-warmup", 1, "--benchmark-json", path, *SMALL)
+    result = json.loads(path.read_text())
+    for key in ("train_img_per_s", "eval_img_per_s", "peak_memory_gib", "params_m", "train_gflops_per_img",
+                "eval_gflops_per_img", "achieved_tflops", "mfu", "device"):
+        assert key in result, key
+    assert result["train_img_per_s"] > 0 and result["train_gflops_per_img"] > result["eval_gflops_per_img"] > 0

@@ -284,22 +284,25 @@ class CoherenceFusion(nn.Module):
         Q = ReLU(BN(CBAM_q(U)));  K = ReLU(BN(CBAM_k(U)))
         O = softmax(Q^T K) S^T;  C_t = BN(CBAM_o(O))
 
-    NOTE(repro): as in the released code, no 1/sqrt(d) scaling and no residual; Q and K are (T-1)*D wide
-    (the concatenation's width, 512 for three tasks). The attention runs through SDPA (O(N) memory).
+    As in the released code: no 1/sqrt(d) scaling, no residual. The attention runs through SDPA (O(N) memory).
+    NOTE(repro): Q and K are D wide (qk_dim); the released code keeps the concatenation's width (T-1)*D, 512
+    for three tasks. At equal widths SDPA's flash kernels apply on GPU (head dim <= 256); at 512 only a
+    generic kernel does, measured at 46 TFLOP/s on an H200 (README: performance).
 
     Args:
         dim: D, channels of X_t.
         num_aux: number of other tasks (>= 1).
+        qk_dim: width of Q and K (default D; (T-1)*D is the released code's).
 
     Shapes: x (B, D, h, w), others: num_aux x (B, D, h, w) -> (B, D, h, w).
     """
 
-    def __init__(self, *, dim: int, num_aux: int):
+    def __init__(self, *, dim: int, num_aux: int, qk_dim: int | None = None):
         super().__init__()
-        qk_dim = dim * num_aux
+        qk_dim = qk_dim or dim
         self.value = nn.Sequential(CBAM(channels=dim), nn.BatchNorm2d(dim))
         self.gates = nn.ModuleList(nn.Conv2d(dim, dim, 1) for _ in range(num_aux))
-        self.mix = nn.Sequential(nn.Conv2d(qk_dim, qk_dim, 1), nn.ReLU(inplace=True))
+        self.mix = nn.Sequential(nn.Conv2d(dim * num_aux, qk_dim, 1), nn.ReLU(inplace=True))
         self.query = nn.Sequential(CBAM(channels=qk_dim), nn.BatchNorm2d(qk_dim), nn.ReLU(inplace=True))
         self.key = nn.Sequential(CBAM(channels=qk_dim), nn.BatchNorm2d(qk_dim), nn.ReLU(inplace=True))
         self.out = nn.Sequential(CBAM(channels=dim), nn.BatchNorm2d(dim))
@@ -1067,8 +1070,9 @@ def build_model(args, num_outputs: dict[str, int]) -> MTCP:
 
 def build_datasets(args, *, master: bool):
     """The train and val datasets of args.dataset. The toy data is written under --data-root on first use."""
-    tasks = tuple(args.tasks)
-    size = tuple(args.img_size)
+    if args.data_root is None:
+        raise SystemExit(f"--data-root is required for --dataset {args.dataset} (README: reproducing the paper)")
+    tasks, size = tuple(args.tasks), tuple(args.img_size)
     if args.dataset == "pascal":
         return (data.PASCALContext(args.data_root, "train", tasks=tasks, size=size),
                 data.PASCALContext(args.data_root, "val", tasks=tasks, size=size))
@@ -1314,6 +1318,13 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "
                     "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
 
 
+def _cpu_attention_flops(q, k, v, *_, backward: bool = False) -> int:
+    """FLOPs of SDPA's CPU flash kernel, which FlopCounterMode has no formula for (shapes (B, H, N, D)):
+    forward Q K^T and P V; backward recomputes Q K^T and forms dV, dP, dQ, dK."""
+    (b, h, n, d), m, dv = q, k[2], v[3]
+    return 2 * b * h * n * m * ((3 * d + 2 * dv) if backward else (d + dv))
+
+
 def benchmark(args, device: torch.device) -> dict:
     """Times training steps (forward, loss, backward, optimizer) and evaluation forwards on random data of the
     dataset's shapes, counts FLOPs with FlopCounterMode, and prints one table."""
@@ -1382,21 +1393,26 @@ def benchmark(args, device: torch.device) -> dict:
     model.eval()
     eval_time = timed(eval_step, args.benchmark_steps)
     model.train()
-    with FlopCounterMode(display=False) as counter:  # one eager training step, forward + backward
+    cpu_attention = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: _cpu_attention_flops(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, **kw: _cpu_attention_flops(q, k, v, backward=True)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:  # one eager training step
         with autocast(device, args.amp):
             preds, aux = model(images)
         balancer(multi_task_losses(preds, aux, targets, aux_weight=args.aux_weight)).backward()
     train_flops = counter.get_total_flops() / B
     optimizer.zero_grad(set_to_none=True)
     model.eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.no_grad():
         with autocast(device, args.amp):
             model(images)
     eval_flops = counter.get_total_flops() / B
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     achieved = train_flops * B / train_time / 1e12
-    result = dict(device=name, dataset=args.dataset, img_size=list(args.img_size), batch_size=B, amp=bool(args.amp),
+    result = dict(device=name, dataset=args.dataset, img_size=list(args.img_size), batch_size=B,
+                  amp=bool(args.amp) and device.type == "cuda",
                   compile=bool(args.compile), channels_last=channels_last, naive_attention=bool(args.naive_attention),
                   params_m=sum(p.numel() for p in model.parameters()) / 1e6,
                   train_img_per_s=B / train_time, eval_img_per_s=B / eval_time, peak_memory_gib=peak,
@@ -1510,8 +1526,6 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     unknown = set(args.tasks) - set(d["tasks"])
     if unknown:
         raise SystemExit(f"--tasks: {sorted(unknown)} are not tasks of {args.dataset} ({list(d['tasks'])})")
-    if args.data_root is None:
-        raise SystemExit(f"--data-root is required for --dataset {args.dataset} (see README: data)")
     return args
 
 

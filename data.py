@@ -27,18 +27,18 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SPLIT_SIZES = {'nyud': {'train': 795, 'val': 654}, 'pascal': {'train': 4998, 'val': 5105}}
+SPLIT_SIZES = {"nyud": {"train": 795, "val": 654}, "pascal": {"train": 4998, "val": 5105}}
 # SPEC 1.2: PASCAL-Part person part names -> 6 parts; other names are not painted (0 = background).
-PART_ID = {**dict.fromkeys(('head', 'hair', 'lear', 'rear', 'lebrow', 'rebrow', 'leye', 'reye', 'nose',
-                            'mouth'), 1),
-           **dict.fromkeys(('torso', 'neck'), 2), **dict.fromkeys(('luarm', 'ruarm'), 3),
-           **dict.fromkeys(('llarm', 'rlarm', 'lhand', 'rhand'), 4), **dict.fromkeys(('luleg', 'ruleg'), 5),
-           **dict.fromkeys(('llleg', 'rlleg', 'lfoot', 'rfoot'), 6)}
+PART_ID = {**dict.fromkeys(("head", "hair", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "nose",
+                            "mouth"), 1),
+           **dict.fromkeys(("torso", "neck"), 2), **dict.fromkeys(("luarm", "ruarm"), 3),
+           **dict.fromkeys(("llarm", "rlarm", "lhand", "rhand"), 4), **dict.fromkeys(("luleg", "ruleg"), 5),
+           **dict.fromkeys(("llleg", "rlleg", "lfoot", "rfoot"), 6)}
 PERSON = 15  # VOC class index of 'person' in PASCAL-Part structs and VOC12 labels
 ZOOMS = (1.0, 1.2, 1.5)  # SPEC 1.3: NYUD random centred zoom factors
-TOY_CLASSES = ('wall', 'floor', 'ceiling', 'box', 'sphere', 'cylinder')  # toy NYUD semseg, png values 1..6
+TOY_CLASSES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder")  # toy NYUD semseg, png values 1..6
 TOY_FOCAL = 0.8  # toy intrinsics: fx = fy = TOY_FOCAL * W pixels, principal point at the image centre
-TOY_VOC = {'box': (9, 'chair'), 'sphere': (16, 'pottedplant'), 'cylinder': (5, 'bottle')}  # PASCAL toy
+TOY_VOC = {"box": (9, "chair"), "sphere": (16, "pottedplant"), "cylinder": (5, "bottle")}  # PASCAL toy
 
 
 class DataError(RuntimeError):
@@ -51,12 +51,12 @@ class DataError(RuntimeError):
 def _read(path, mode=None):
     """Decode a .npy or image file fully into a numpy array (PIL `mode` converts, None keeps palette indices)."""
     try:
-        if path.endswith('.npy'):
+        if path.endswith(".npy"):
             return np.load(path)
         with Image.open(path) as im:
             return np.array(im if mode is None or im.mode == mode else im.convert(mode))
     except Exception as e:
-        raise DataError(f'cannot read {path}: {e}') from e
+        raise DataError(f"cannot read {path}: {e}") from e
 
 
 def _human_parts(path, hw):
@@ -64,16 +64,16 @@ def _human_parts(path, hw):
 
     Returns (H, W) uint8 in 0..6, or all 255 when no person object has a part list (no supervision)."""
     try:
-        objects = scipy.io.loadmat(path)['anno'][0][0][1]
+        objects = scipy.io.loadmat(path)["anno"][0][0][1]
         parts = [(str(p[0][0]), p[1].astype(bool)) for o in (objects[0] if objects.size else ())
                  if int(np.squeeze(o[1])) == PERSON and o[3].size for p in o[3][0]]
     except Exception as e:
-        raise DataError(f'cannot read {path} as a PASCAL-Part struct: {e}') from e
+        raise DataError(f"cannot read {path} as a PASCAL-Part struct: {e}") from e
     target = np.full(hw, 255 if not parts else 0, np.uint8)
     for name, mask in parts:
         if mask.shape != hw:
-            raise DataError(f'{path}: label size {mask.shape[0]}x{mask.shape[1]} does not match image size '
-                            f'{hw[0]}x{hw[1]}')
+            raise DataError(f"{path}: label size {mask.shape[0]}x{mask.shape[1]} does not match image size "
+                            f"{hw[0]}x{hw[1]}")
         if name in PART_ID:
             target[mask] = PART_ID[name]
     return target
@@ -98,15 +98,15 @@ def augment(img, targets, size, flip=False, angle=0.0, scale=1.0):
     img = warp(img, Image.Resampling.BILINEAR, tuple(int(round(255 * m)) for m in IMAGENET_MEAN))
     out = {}
     for task, arr in targets.items():
-        if task == 'human_parts' and (arr == 255).all():  # no supervision stays no supervision
+        if task == "human_parts" and (arr == 255).all():  # no supervision stays no supervision
             out[task] = np.full((H, W), 255, np.uint8)
             continue
-        if task == 'normals' and flip:  # SPEC 1.1: channel 0 is horizontal
+        if task == "normals" and flip:  # SPEC 1.1: channel 0 is horizontal
             arr = arr * np.float32([-1, 1, 1])
         planes = [warp(p, Image.Resampling.NEAREST, 0) for p in np.moveaxis(np.atleast_3d(arr), -1, 0)]
         # normals (PASCAL normals_distill) keep their direction under the in-plane rotation
         out[task] = np.stack(planes, -1) if arr.ndim == 3 else planes[0]
-        if task == 'depth':  # zooming in by s brings the scene s times closer
+        if task == "depth":  # zooming in by s brings the scene s times closer
             out[task] /= np.float32(scale)
     return img, out
 
@@ -119,7 +119,7 @@ def normalize(img, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 def read_image(path):
     """An image file as (H, W, 3) uint8 RGB; a DataError naming the file if it cannot be decoded."""
-    return _read(str(path), 'RGB')
+    return _read(str(path), "RGB")
 
 
 def to_input(img, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -137,18 +137,18 @@ class _MultiTask(torch.utils.data.Dataset):
     """
     files = {}  # 'image' or task -> candidate paths relative to root, first existing one is used
     channels = {}  # task -> output channels
-    split_path = layout = ''
+    split_path = layout = ""
 
     def __init__(self, root, split, tasks, train, size):
         self.root, self.split, self.tasks, self.size = str(root), split, tuple(tasks), tuple(size)
-        self.train = split == 'train' if train is None else bool(train)
+        self.train = split == "train" if train is None else bool(train)
         if set(self.tasks) - set(self.channels):
-            raise ValueError(f'unknown tasks {set(self.tasks) - set(self.channels)}; known: {list(self.channels)}')
+            raise ValueError(f"unknown tasks {set(self.tasks) - set(self.channels)}; known: {list(self.channels)}")
         split_file = os.path.join(self.root, self.split_path.format(split))
         if not os.path.isfile(split_file):
-            what = 'split file' if os.path.isdir(self.root) else 'dataset root'
-            raise DataError(f'{what} not found: {split_file if os.path.isdir(self.root) else self.root}. '
-                            f'Expected the {self.layout}')
+            what = "split file" if os.path.isdir(self.root) else "dataset root"
+            raise DataError(f"{what} not found: {split_file if os.path.isdir(self.root) else self.root}. "
+                            f"Expected the {self.layout}")
         with open(split_file) as f:
             self.ids = f.read().split()
         self.num_outputs = {t: self.channels[t] for t in self.tasks}
@@ -167,48 +167,48 @@ class _MultiTask(torch.utils.data.Dataset):
     def decode(self, task, path, hw):
         """One target as numpy at the image's (H, W): semseg/parts uint8, depth float32 metres, normals
         (H, W, 3) float32 as stored (renormalised later), sal uint8 grey (thresholded later)."""
-        if task == 'human_parts':
+        if task == "human_parts":
             return _human_parts(path, hw)
-        arr = _read(path, {'normals': 'RGB', 'sal': 'L'}.get(task))
-        if task == 'normals':  # SPEC 1.1: png stores v = (n + 1) * 255 / 2
-            arr = arr * np.float32(2 / 255) - 1 if path.endswith('.png') else arr.astype(np.float32)
-        elif task == 'depth':
+        arr = _read(path, {"normals": "RGB", "sal": "L"}.get(task))
+        if task == "normals":  # SPEC 1.1: png stores v = (n + 1) * 255 / 2
+            arr = arr * np.float32(2 / 255) - 1 if path.endswith(".png") else arr.astype(np.float32)
+        elif task == "depth":
             arr = np.squeeze(arr).astype(np.float32)
-        if arr.shape != ((*hw, 3) if task == 'normals' else hw):
+        if arr.shape != ((*hw, 3) if task == "normals" else hw):
             raise DataError(f'{path}: label size {"x".join(map(str, arr.shape))} does not match image size '
                             f'{hw[0]}x{hw[1]}')
-        if task == 'semseg':
+        if task == "semseg":
             return self.semseg(arr, path)
-        if arr.dtype == np.float32 and not np.isfinite(arr).all() or task == 'depth' and arr.min() < 0:
-            raise DataError(f'{path}: {task} has negative or non-finite values')
+        if arr.dtype == np.float32 and not np.isfinite(arr).all() or task == "depth" and arr.min() < 0:
+            raise DataError(f"{path}: {task} has negative or non-finite values")
         return arr
 
     def load(self, i):
         """Sample i decoded, before augmentation: image (H, W, 3) uint8 and {task: array at (H, W)}."""
-        img = _read(self.find('image', self.ids[i]), 'RGB')
+        img = _read(self.find("image", self.ids[i]), "RGB")
         return img, {t: self.decode(t, self.find(t, self.ids[i]), img.shape[:2]) for t in self.tasks}
 
     def __getitem__(self, i):
         img, targets = self.load(i)
-        meta = {'id': self.ids[i], 'size': img.shape[:2]}
+        meta = {"id": self.ids[i], "size": img.shape[:2]}
         if self.train:
             rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))
             img, targets = augment(img, targets, self.size, **self.draw(rng))
-            sample = {'image': normalize(img)}
+            sample = {"image": normalize(img)}
         else:  # SPEC 1.3 eval: the image resized as in training, targets stay at the original resolution
-            sample = {'image': to_input(img, self.size)}
+            sample = {"image": to_input(img, self.size)}
         for task, arr in targets.items():
-            if task in ('semseg', 'human_parts'):
+            if task in ("semseg", "human_parts"):
                 sample[task] = torch.from_numpy(arr.astype(np.int64))  # (H, W), 255 = ignore
-            elif task == 'sal':  # SPEC 1.2: v / 255 > 0.5
+            elif task == "sal":  # SPEC 1.2: v / 255 > 0.5
                 sample[task] = torch.from_numpy((arr > 127.5).astype(np.float32))[None]
-            elif task == 'normals':  # unit vectors again after resizing; zero vectors (invalid) stay zero
-                norm = np.sqrt(np.einsum('hwc,hwc->hw', arr, arr))
+            elif task == "normals":  # unit vectors again after resizing; zero vectors (invalid) stay zero
+                norm = np.sqrt(np.einsum("hwc,hwc->hw", arr, arr))
                 scale = np.divide(1, norm, out=np.zeros_like(norm), where=norm > 1e-6)
                 sample[task] = torch.from_numpy((arr * scale[..., None]).transpose(2, 0, 1).copy())  # (3, H, W)
             else:
                 sample[task] = torch.from_numpy(np.ascontiguousarray(arr, np.float32))[None]  # (1, H, W)
-        sample['meta'] = meta
+        sample["meta"] = meta
         return sample
 
 
@@ -224,23 +224,23 @@ class NYUD(_MultiTask):
     Returns per sample: image (3, H, W) float32 ImageNet-normalised, semseg (H, W) int64 (255 ignore),
     depth (1, H, W) float32 metres (0 invalid), normals (3, H, W) float32 unit (0 invalid), meta dict.
     """
-    files = {'image': ('images/{}.jpg', 'images/{}.png'), 'semseg': ('segmentation/{}.png',),
-             'depth': ('depth/{}.npy',), 'normals': ('normals/{}.npy', 'normals/{}.png')}
-    split_path = 'gt_sets/{}.txt'
+    files = {"image": ("images/{}.jpg", "images/{}.png"), "semseg": ("segmentation/{}.png",),
+             "depth": ("depth/{}.npy",), "normals": ("normals/{}.npy", "normals/{}.png")}
+    split_path = "gt_sets/{}.txt"
     layout = ("NYUD_MT layout: ROOT/gt_sets/{train,val}.txt, images/<id>.jpg (.png in the InvPT/ATRC variant), "
               "segmentation/<id>.png, depth/<id>.npy, normals/<id>.npy (or .png). Download NYUD_MT from Google "
               "Drive id 14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw (Vandenhende's Multi-Task-Learning-PyTorch), or "
               "write a toy with data.make_toy(ROOT, 'nyud')")
 
-    def __init__(self, root, split='train', tasks=('semseg', 'depth', 'normals'), train=None, size=(480, 640),
+    def __init__(self, root, split="train", tasks=("semseg", "depth", "normals"), train=None, size=(480, 640),
                  num_classes=40):
-        self.num_classes, self.channels = num_classes, {'semseg': num_classes, 'depth': 1, 'normals': 3}
+        self.num_classes, self.channels = num_classes, {"semseg": num_classes, "depth": 1, "normals": 3}
         super().__init__(root, split, tasks, train, size)
 
     def semseg(self, label, path):
         # SPEC 1.1: 0 = unlabelled -> 255 (ignore), k -> k - 1
         if label.max(initial=0) > self.num_classes:
-            raise DataError(f'{path}: semseg value {label.max()} out of range 0..{self.num_classes}')
+            raise DataError(f"{path}: semseg value {label.max()} out of range 0..{self.num_classes}")
         return np.where(label == 0, 255, label - 1).astype(np.uint8)
 
     def draw(self, rng):
@@ -252,23 +252,23 @@ class PASCALContext(_MultiTask):
     (21 classes), human_parts (7, all 255 without a person part list), sal (1, float {0, 1}), normals
     (normals_distill png). Training augmentation (SPEC 1.3): flip, rotation U(-20, 20) deg, scale
     U(0.75, 1.25)."""
-    files = {'image': ('JPEGImages/{}.jpg',), 'semseg': ('semseg/VOC12/{}.png', 'semseg/pascal-context/{}.png'),
-             'human_parts': ('human_parts/{}.mat',), 'sal': ('sal_distill/{}.png',),
-             'normals': ('normals_distill/{}.png',)}
-    channels = {'semseg': 21, 'human_parts': 7, 'sal': 1, 'normals': 3}
-    split_path = 'ImageSets/Context/{}.txt'
+    files = {"image": ("JPEGImages/{}.jpg",), "semseg": ("semseg/VOC12/{}.png", "semseg/pascal-context/{}.png"),
+             "human_parts": ("human_parts/{}.mat",), "sal": ("sal_distill/{}.png",),
+             "normals": ("normals_distill/{}.png",)}
+    channels = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3}
+    split_path = "ImageSets/Context/{}.txt"
     layout = ("PASCAL_MT layout: ROOT/ImageSets/Context/{train,val}.txt, JPEGImages/<id>.jpg, "
               "semseg/VOC12/<id>.png or semseg/pascal-context/<id>.png, human_parts/<id>.mat, "
               "sal_distill/<id>.png. Download https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz, "
               "or write a toy with data.make_toy(ROOT, 'pascal')")
 
-    def __init__(self, root, split='train', tasks=('semseg', 'human_parts', 'sal'), train=None, size=(512, 512)):
+    def __init__(self, root, split="train", tasks=("semseg", "human_parts", "sal"), train=None, size=(512, 512)):
         super().__init__(root, split, tasks, train, size)
 
     def semseg(self, label, path):
         bad = (label > 20) & (label != 255)
         if bad.any():
-            raise DataError(f'{path}: semseg values {np.unique(label[bad])} out of range 0..20 or 255')
+            raise DataError(f"{path}: semseg values {np.unique(label[bad])} out of range 0..20 or 255")
         return label.astype(np.uint8)
 
     def draw(self, rng):
@@ -281,7 +281,7 @@ def collate(batch):
     out = {}
     for key in batch[0]:
         values = [sample[key] for sample in batch]
-        same = key != 'meta' and all(v.shape == values[0].shape for v in values)
+        same = key != "meta" and all(v.shape == values[0].shape for v in values)
         out[key] = torch.stack(values) if same else values
     return out
 
@@ -289,7 +289,7 @@ def collate(batch):
 # ----------------------------------------------------------------------------------------------------------
 # Toy dataset: ray-cast rooms written in the NYUD_MT / PASCAL_MT layouts
 
-@np.errstate(divide='ignore', invalid='ignore')  # rays parallel to a plane meet it at infinity
+@np.errstate(divide="ignore", invalid="ignore")  # rays parallel to a plane meet it at infinity
 def _render_room(rng, h, w, n_objects):
     """Ray-cast a random room with boxes, spheres and upright cylinders on the floor, one point light.
 
@@ -384,32 +384,32 @@ def _figure(rng, h, w):
         return mid, mid + lengths[1] * s * np.array([np.sin(a2), np.cos(a2)])
     P = lambda dx, dy: np.array([x0 + dx * s, y0 - dy * s])  # body coordinates (units of height, y up)
     hip, neck, head = P(0, 0.5), P(0, 0.8), P(0, 0.89)
-    parts = [('torso', capsule(hip, neck, 0.08 * s), shirt), ('neck', capsule(neck, head, 0.03 * s), skin),
-             ('head', capsule(head, head, 0.07 * s), skin)]
-    for lr, side in (('l', 1), ('r', -1)):  # person's left is on the image right
+    parts = [("torso", capsule(hip, neck, 0.08 * s), shirt), ("neck", capsule(neck, head, 0.03 * s), skin),
+             ("head", capsule(head, head, 0.07 * s), skin)]
+    for lr, side in (("l", 1), ("r", -1)):  # person's left is on the image right
         knee, ankle = limb(P(side * 0.05, 0.5), side * 0.3, (0.24, 0.24))
-        parts += [(lr + 'uleg', capsule(P(side * 0.05, 0.5), knee, 0.045 * s), legs),
-                  (lr + 'lleg', capsule(knee, ankle, 0.035 * s), legs),
-                  (lr + 'foot', capsule(ankle, ankle + [side * 0.05 * s, 0], 0.025 * s), 0.3 * legs)]
-    for lr, side in (('l', 1), ('r', -1)):
+        parts += [(lr + "uleg", capsule(P(side * 0.05, 0.5), knee, 0.045 * s), legs),
+                  (lr + "lleg", capsule(knee, ankle, 0.035 * s), legs),
+                  (lr + "foot", capsule(ankle, ankle + [side * 0.05 * s, 0], 0.025 * s), 0.3 * legs)]
+    for lr, side in (("l", 1), ("r", -1)):
         elbow, wrist = limb(P(side * 0.1, 0.78), side, (0.15, 0.14))
-        parts += [(lr + 'uarm', capsule(P(side * 0.1, 0.78), elbow, 0.03 * s), shirt),
-                  (lr + 'larm', capsule(elbow, wrist, 0.025 * s), skin),
-                  (lr + 'hand', capsule(wrist, wrist, 0.03 * s), skin)]
+        parts += [(lr + "uarm", capsule(P(side * 0.1, 0.78), elbow, 0.03 * s), shirt),
+                  (lr + "larm", capsule(elbow, wrist, 0.025 * s), skin),
+                  (lr + "hand", capsule(wrist, wrist, 0.03 * s), skin)]
     return parts
 
 
 def _save_parts(path, imname, objects):
     """Write a PASCAL-Part .mat struct (SPEC 1.2): anno.objects(j) = (class, classIndex, mask, parts)."""
-    objs = np.zeros((1, len(objects)), [('class', 'O'), ('classIndex', 'O'), ('mask', 'O'), ('parts', 'O')])
+    objs = np.zeros((1, len(objects)), [("class", "O"), ("classIndex", "O"), ("mask", "O"), ("parts", "O")])
     for j, (name, index, mask, parts) in enumerate(objects):
-        pa = np.zeros((1, len(parts)), [('part_name', 'O'), ('mask', 'O')]) if parts else np.zeros((0, 0))
+        pa = np.zeros((1, len(parts)), [("part_name", "O"), ("mask", "O")]) if parts else np.zeros((0, 0))
         for k, (part, pmask) in enumerate(parts):
             pa[0, k] = (part, pmask.astype(np.uint8))
         objs[0, j] = (name, np.array([[index]], np.uint8), mask.astype(np.uint8), pa)
-    anno = np.zeros((1, 1), [('imname', 'O'), ('objects', 'O')])
+    anno = np.zeros((1, 1), [("imname", "O"), ("objects", "O")])
     anno[0, 0] = (imname, objs)
-    scipy.io.savemat(path, {'anno': anno}, do_compression=True)
+    scipy.io.savemat(path, {"anno": anno}, do_compression=True)
 
 
 def voc_palette():
@@ -420,7 +420,7 @@ def voc_palette():
     return palette
 
 
-def make_toy(root, layout='nyud', n_train=200, n_val=50, size=(120, 160), seed=0):
+def make_toy(root, layout="nyud", n_train=200, n_val=50, size=(120, 160), seed=0):
     """Write a learnable toy dataset in the real NYUD_MT ('nyud') or PASCAL_MT ('pascal') layout and formats.
 
     Image i is rendered from np.random.default_rng([seed, i]), so the output is deterministic. The split
@@ -430,16 +430,16 @@ def make_toy(root, layout='nyud', n_train=200, n_val=50, size=(120, 160), seed=0
     are background, objects VOC classes (TOY_VOC), 0-2 articulated figures (person) with PASCAL-Part masks.
     Returns root.
     """
-    nyud = layout == 'nyud'
-    splits = {'train': range(n_train), 'val': range(n_train, n_train + n_val)}
+    nyud = layout == "nyud"
+    splits = {"train": range(n_train), "val": range(n_train, n_train + n_val)}
     split_files = {s: os.path.join(root, (NYUD if nyud else PASCALContext).split_path.format(s)) for s in splits}
     if all(os.path.isfile(p) and len(open(p).read().split()) == len(splits[s]) for s, p in split_files.items()):
         return root
-    for folder in (['images', 'segmentation', 'depth', 'normals', 'gt_sets'] if nyud else
-                   ['JPEGImages', 'semseg/VOC12', 'human_parts', 'sal_distill', 'ImageSets/Context']):
+    for folder in (["images", "segmentation", "depth", "normals", "gt_sets"] if nyud else
+                   ["JPEGImages", "semseg/VOC12", "human_parts", "sal_distill", "ImageSets/Context"]):
         os.makedirs(os.path.join(root, folder), exist_ok=True)
-    voc = [TOY_VOC.get(name, (0, 'background')) for name in TOY_CLASSES]  # toy class -> (VOC index, name)
-    ids = [f'{i:04d}' if nyud else f'2008_{i:06d}' for i in range(n_train + n_val)]
+    voc = [TOY_VOC.get(name, (0, "background")) for name in TOY_CLASSES]  # toy class -> (VOC index, name)
+    ids = [f"{i:04d}" if nyud else f"2008_{i:06d}" for i in range(n_train + n_val)]
     for i, id in enumerate(ids):
         rng, (h, w) = np.random.default_rng([seed, i]), size
         path = lambda folder, ext: os.path.join(root, folder, id + ext)
@@ -449,9 +449,9 @@ def make_toy(root, layout='nyud', n_train=200, n_val=50, size=(120, 160), seed=0
             holes = noise > np.quantile(noise, 0.95)  # random blobs, 5 % of the pixels
             depth[holes], normals[holes] = 0, 0
             Image.fromarray(np.where(rng.random((h, w)) < 0.002, 0, cls + 1).astype(np.uint8)).save(
-                path('segmentation', '.png'))
-            np.save(path('depth', '.npy'), depth)
-            np.save(path('normals', '.npy'), normals)
+                path("segmentation", ".png"))
+            np.save(path("depth", ".npy"), depth)
+            np.save(path("normals", ".npy"), normals)
         else:
             h, w = (w, h) if rng.random() < 0.3 else (h, w)  # some portrait
             h, w = h + 8 * rng.integers(-1, 2), w + 8 * rng.integers(-1, 2)
@@ -466,18 +466,18 @@ def make_toy(root, layout='nyud', n_train=200, n_val=50, size=(120, 160), seed=0
                 person = np.any([m for _, m, _ in parts], 0)
                 for obj in objects:  # the new figure occludes earlier objects and figures
                     obj[2], obj[3] = obj[2] & ~person, [(name, m & ~person) for name, m in obj[3]]
-                objects.append(['person', PERSON, person, [(name, m) for name, m, _ in parts]])
+                objects.append(["person", PERSON, person, [(name, m) for name, m, _ in parts]])
             label = Image.fromarray(seg)
             label.putpalette(voc_palette().tobytes())  # VOC12 labels are palette pngs
-            label.save(path('semseg/VOC12', '.png'))
-            Image.fromarray(np.where(seg > 0, 255, 0).astype(np.uint8)).save(path('sal_distill', '.png'))
-            _save_parts(path('human_parts', '.mat'), id, objects)
+            label.save(path("semseg/VOC12", ".png"))
+            Image.fromarray(np.where(seg > 0, 255, 0).astype(np.uint8)).save(path("sal_distill", ".png"))
+            _save_parts(path("human_parts", ".mat"), id, objects)
         rgb = np.clip(rgb + rng.normal(0, 0.02, rgb.shape), 0, 1)  # camera noise
         Image.fromarray((rgb * 255).round().astype(np.uint8)).save(
-            path('images' if nyud else 'JPEGImages', '.jpg'), quality=90)
+            path("images" if nyud else "JPEGImages", ".jpg"), quality=90)
     for split, r in splits.items():
-        with open(split_files[split], 'w') as f:
-            f.write(''.join(ids[i] + '\n' for i in r))
+        with open(split_files[split], "w") as f:
+            f.write("".join(ids[i] + "\n" for i in r))
     return root
 
 
@@ -490,29 +490,29 @@ def _inspect(ds, i, strict):
         img, targets = ds.load(i)
     except DataError as e:
         return None, [str(e)]
-    (h, w), image, problems = img.shape[:2], ds.find('image', ds.ids[i]), []
-    stats = {'size': f'{h}x{w}', 'variant': ' '.join(os.path.splitext(ds.find(k, ds.ids[i]))[1]
-                                                    for k in ('image', 'normals') if k in ('image', *targets))}
-    if strict and isinstance(ds, NYUD) and not ((h, w) == (480, 640) if image.endswith('.jpg') else
+    (h, w), image, problems = img.shape[:2], ds.find("image", ds.ids[i]), []
+    stats = {"size": f"{h}x{w}", "variant": " ".join(os.path.splitext(ds.find(k, ds.ids[i]))[1]
+                                                    for k in ("image", "normals") if k in ("image", *targets))}
+    if strict and isinstance(ds, NYUD) and not ((h, w) == (480, 640) if image.endswith(".jpg") else
                                                 h <= 448 and w <= 576):
-        problems.append(f'{image}: {h}x{w}, not a published NYUD variant (NYUD_MT .jpg 480x640, InvPT/ATRC '
-                        f'.png <= 448x576)')
+        problems.append(f"{image}: {h}x{w}, not a published NYUD variant (NYUD_MT .jpg 480x640, InvPT/ATRC "
+                        f".png <= 448x576)")
     if strict and isinstance(ds, PASCALContext) and max(h, w) > 500:
-        problems.append(f'{image}: {h}x{w}, PASCAL images have their longest side <= 500')
+        problems.append(f"{image}: {h}x{w}, PASCAL images have their longest side <= 500")
     for task, arr in targets.items():
-        if task == 'semseg':
-            stats['classes'] = set(np.unique(arr).tolist()) - {255}
-        elif task == 'depth':
-            stats['depth'] = (arr[arr > 0].min(initial=np.inf), arr.max(), (arr == 0).mean())
-        elif task == 'normals':
+        if task == "semseg":
+            stats["classes"] = set(np.unique(arr).tolist()) - {255}
+        elif task == "depth":
+            stats["depth"] = (arr[arr > 0].min(initial=np.inf), arr.max(), (arr == 0).mean())
+        elif task == "normals":
             norm = np.linalg.norm(arr, axis=-1)
-            stats['zero'], bad = (norm <= 0.01).mean(), ((norm > 0.01) & (np.abs(norm - 1) > 0.1)).mean()
+            stats["zero"], bad = (norm <= 0.01).mean(), ((norm > 0.01) & (np.abs(norm - 1) > 0.1)).mean()
             if bad > 0.01:
-                problems.append(f'{ds.find(task, ds.ids[i])}: {bad:.1%} of the normals are neither unit nor 0')
-        elif task == 'sal':  # distilled saliency is soft: report how much
-            stats['grey'] = ((arr > 0) & (arr < 255)).mean()
-        elif task == 'human_parts':
-            stats['parts'] = bool((arr != 255).any())
+                problems.append(f"{ds.find(task, ds.ids[i])}: {bad:.1%} of the normals are neither unit nor 0")
+        elif task == "sal":  # distilled saliency is soft: report how much
+            stats["grey"] = ((arr > 0) & (arr < 255)).mean()
+        elif task == "human_parts":
+            stats["parts"] = bool((arr != 255).any())
     return stats, problems
 
 
@@ -520,53 +520,53 @@ def check(dataset, root, any_split_size=False, workers=16):
     """Verify a dataset folder against the published archive (SPEC 1.1 / 1.2) and print a report.
 
     Returns the problems found (empty = usable). `any_split_size` accepts any split and image size (toy)."""
-    cls, problems, stats = NYUD if dataset == 'nyud' else PASCALContext, [], []
-    print(f'{cls.__name__} at {root}')
+    cls, problems, stats = NYUD if dataset == "nyud" else PASCALContext, [], []
+    print(f"{cls.__name__} at {root}")
     for split, n in SPLIT_SIZES[dataset].items():
         try:
             ds = cls(root, split, train=False)
         except DataError as e:
             problems.append(str(e))
             continue
-        print(f'  {split}: {len(ds)} ids (published archive: {n})')
+        print(f"  {split}: {len(ds)} ids (published archive: {n})")
         if len(ds) != n and not any_split_size:
-            problems.append(f'{os.path.join(root, ds.split_path.format(split))}: {len(ds)} ids, expected {n}')
+            problems.append(f"{os.path.join(root, ds.split_path.format(split))}: {len(ds)} ids, expected {n}")
         with ThreadPoolExecutor(workers) as pool:  # PIL, np.load and zlib release the GIL
             for st, pr in pool.map(lambda i: _inspect(ds, i, not any_split_size), range(len(ds))):
                 problems += pr
                 stats += [st] if st else []
     problems = list(dict.fromkeys(problems))  # a missing root fails both splits the same way
     if stats:
-        sizes = Counter(s['size'] for s in stats).most_common(5)
-        print(f'  {len(stats)} readable samples; image sizes: ' + ', '.join(f'{k} ({v})' for k, v in sizes))
+        sizes = Counter(s["size"] for s in stats).most_common(5)
+        print(f"  {len(stats)} readable samples; image sizes: " + ", ".join(f"{k} ({v})" for k, v in sizes))
         print(f'  semseg: classes seen {sorted(set().union(*(s["classes"] for s in stats)))}')
-    if stats and dataset == 'nyud':
-        names = {'.jpg .npy': 'NYUD_MT (.jpg images, .npy normals)', '.png .png': 'InvPT/ATRC NYUDv2 (.png)'}
-        variants = Counter(names.get(s['variant'], s['variant']) for s in stats)
-        lo, hi, holes = np.array([s['depth'] for s in stats]).T
+    if stats and dataset == "nyud":
+        names = {".jpg .npy": "NYUD_MT (.jpg images, .npy normals)", ".png .png": "InvPT/ATRC NYUDv2 (.png)"}
+        variants = Counter(names.get(s["variant"], s["variant"]) for s in stats)
+        lo, hi, holes = np.array([s["depth"] for s in stats]).T
         print(f'  variant: {dict(variants)}\n  depth: {lo.min():.2f}..{hi.max():.2f} m, {holes.mean():.1%} '
               f'missing\n  normals: {np.mean([s["zero"] for s in stats]):.1%} zero (invalid)')
         if len(variants) > 1:
-            problems.append(f'mixed file variants {dict(variants)}: one archive extracted over another?')
+            problems.append(f"mixed file variants {dict(variants)}: one archive extracted over another?")
     elif stats:
         print(f'  saliency: {np.mean([s["grey"] for s in stats]):.1%} of pixels neither 0 nor 255\n'
               f'  human parts: {sum(s["parts"] for s in stats)} of {len(stats)} images carry parts')
-    print('usable' if not problems else f'NOT usable: {len(problems)} problems, the first 20:')
+    print("usable" if not problems else f"NOT usable: {len(problems)} problems, the first 20:")
     for problem in problems[:20]:
-        print('  ' + problem)
+        print("  " + problem)
     return problems
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description='mtcp dataset tools (SPEC 1)')
-    commands = parser.add_subparsers(dest='command', required=True)
-    p = commands.add_parser('check', help='verify a dataset folder against the published archive')
-    p.add_argument('--dataset', choices=('nyud', 'pascal'), required=True)
-    p.add_argument('root', help='NYUD_MT or PASCAL_MT folder')
-    p.add_argument('--any-split-size', action='store_true', help='accept any split and image size (toy data)')
+    parser = argparse.ArgumentParser(description="mtcp dataset tools (SPEC 1)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("check", help="verify a dataset folder against the published archive")
+    p.add_argument("--dataset", choices=("nyud", "pascal"), required=True)
+    p.add_argument("root", help="NYUD_MT or PASCAL_MT folder")
+    p.add_argument("--any-split-size", action="store_true", help="accept any split and image size (toy data)")
     args = parser.parse_args(argv)
     return 1 if check(args.dataset, args.root, args.any_split_size) else 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     sys.exit(main())

@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from timm.models.swin_transformer import SwinTransformerStage
 
 import data
@@ -189,10 +190,18 @@ class Backbone(nn.Module):
     def __init__(self, *, name: str, dim: int, img_size: tuple[int, int], pretrained: bool = False,
                  weights: str | None = None):
         super().__init__()
-        try:  # transformers take the input size at build time; CNNs reject the keyword
-            self.body = timm.create_model(name, features_only=True, pretrained=pretrained, img_size=img_size)
-        except TypeError:
-            self.body = timm.create_model(name, features_only=True, pretrained=pretrained)
+        try:
+            try:  # transformers take the input size at build time; CNNs reject the keyword
+                self.body = timm.create_model(name, features_only=True, pretrained=pretrained, img_size=img_size)
+            except TypeError:
+                self.body = timm.create_model(name, features_only=True, pretrained=pretrained)
+        except (OSError, ValueError) as e:  # the hub's "not in the cache" errors are OSErrors
+            if not pretrained:
+                raise
+            raise RuntimeError(f"could not load timm's pretrained weights for {name} ({type(e).__name__}): they are "
+                               f"read from the local timm/Hugging Face cache, never downloaded at run time. On a "
+                               f"machine with internet run: python -c \"import timm; timm.create_model('{name}', "
+                               f"pretrained=True)\", or pass --weights FILE, or --no-pretrained") from e
         if weights:
             load_backbone_weights(self.body, weights)
         reductions, channels = self.body.feature_info.reduction(), self.body.feature_info.channels()
@@ -849,7 +858,14 @@ def delta_m(results: Mapping[str, Mapping[str, float]], baselines: Mapping[str, 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun; one code path for 1 or N processes)
+# Distributed and precision helpers (torchrun; one code path for 1 or N processes)
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA; fp32 on CPU (SPEC 5)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
 
 def setup_distributed(device_name: str | None) -> tuple[bool, int, int, int, torch.device]:
     """Reads torchrun's environment (never a --local_rank flag, SPEC 7) and joins the process group:
@@ -932,7 +948,6 @@ def unnormalize(image: torch.Tensor) -> np.ndarray:
 
 def save_grid(path: Path, rows: list[list[np.ndarray]]) -> None:
     """Writes rows of equally sized H x W x 3 pictures as one PNG, 4 px apart."""
-    from PIL import Image
     h, w = rows[0][0].shape[:2]
     cols = max(len(r) for r in rows)
     canvas = np.full((len(rows) * (h + 4), cols * (w + 4), 3), 255, np.uint8)
@@ -1043,13 +1058,6 @@ def format_metrics(results: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Training (SPEC 5)
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA; fp32 on CPU (SPEC 5)."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
 
 def get_lr(step: int, total_steps: int, base_lr: float, power: float = 0.9) -> float:
     """Poly decay per iteration (SPEC 5): lr = base_lr * (1 - step / total_steps) ** power."""
@@ -1263,7 +1271,6 @@ def predict(args, device: torch.device) -> None:
     """Predicts every task for image files or folders of them. Writes per image and task a PNG picture and
     the raw values (.npy: class ids int64, depth metres, unit normals, saliency probability), at the image's
     own size. An unreadable image is reported by name at the end; the others are still written."""
-    from PIL import Image
     model, checkpoint = load_checkpoint_model(args.checkpoint, device)
     mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
     paths = []
@@ -1554,17 +1561,16 @@ def main(argv: list[str] | None = None):
             return predict(args, device)
         if args.eval_only:
             model, checkpoint = load_checkpoint_model(args.eval_only, device)
-            saved = checkpoint["args"]
+            saved = checkpoint["args"]  # the data it was trained on; --data-root may point elsewhere
+            out_dir = Path(args.out_dir or Path(args.eval_only).parent / "eval")
             args.dataset, args.tasks, args.img_size = saved["dataset"], saved["tasks"], saved["img_size"]
             args.data_root = args.data_root or saved["data_root"]
-            args = fill_defaults(args)
-            args.out_dir = args.out_dir if args.out_dir != f"runs/{args.dataset}" else str(Path(args.eval_only).parent / "eval")
-            _, val_set = build_datasets(args, master=master)
+            _, val_set = build_datasets(fill_defaults(args), master=master)
             results = evaluate(model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
                                amp=args.amp, rank=rank, world=world)
             if master:
-                Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-                write_metrics(Path(args.out_dir) / "metrics.json", args, results, epoch=checkpoint["epoch"])
+                out_dir.mkdir(parents=True, exist_ok=True)
+                write_metrics(out_dir / "metrics.json", args, results, epoch=checkpoint["epoch"])
             return results
         args = fill_defaults(args)
         if args.benchmark:

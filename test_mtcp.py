@@ -37,56 +37,56 @@ def unit_normals(hw, seed=0):
     return n
 
 
-def make_nyud(root, ids=('a', 'b'), hw=(6, 8), variant='npy'):
+def make_nyud(root, ids=("a", "b"), hw=(6, 8), variant="npy"):
     """NYUD_MT ('npy': .jpg images, .npy normals) or InvPT ('png': .png images and normals)."""
-    for folder in ('gt_sets', 'images', 'segmentation', 'depth', 'normals'):
+    for folder in ("gt_sets", "images", "segmentation", "depth", "normals"):
         os.makedirs(root / folder, exist_ok=True)
-    for split in ('train', 'val'):
-        (root / 'gt_sets' / f'{split}.txt').write_text(''.join(i + '\n' for i in ids))
+    for split in ("train", "val"):
+        (root / "gt_sets" / f"{split}.txt").write_text("".join(i + "\n" for i in ids))
     h, w = hw
     for k, id in enumerate(ids):
-        write_image(root / 'images' / (id + ('.png' if variant == 'png' else '.jpg')), hw, k)
-        Image.fromarray((np.arange(h * w) % 41).reshape(hw).astype(np.uint8)).save(root / 'segmentation' / f'{id}.png')
-        np.save(root / 'depth' / f'{id}.npy', np.linspace(0, 5, h * w, dtype=np.float32).reshape(hw))
+        write_image(root / "images" / (id + (".png" if variant == "png" else ".jpg")), hw, k)
+        Image.fromarray((np.arange(h * w) % 41).reshape(hw).astype(np.uint8)).save(root / "segmentation" / f"{id}.png")
+        np.save(root / "depth" / f"{id}.npy", np.linspace(0, 5, h * w, dtype=np.float32).reshape(hw))
         n = unit_normals(hw, k)
-        if variant == 'png':
-            Image.fromarray(np.round((n + 1) * 255 / 2).astype(np.uint8)).save(root / 'normals' / f'{id}.png')
+        if variant == "png":
+            Image.fromarray(np.round((n + 1) * 255 / 2).astype(np.uint8)).save(root / "normals" / f"{id}.png")
         else:
-            np.save(root / 'normals' / f'{id}.npy', n)
+            np.save(root / "normals" / f"{id}.npy", n)
     return root
 
 
 def write_parts(path, objects):
     """PASCAL-Part struct (SPEC 1.2): objects = [(class name, class index, mask, [(part name, mask)])]."""
-    objs = np.zeros((1, len(objects)), [('class', 'O'), ('classIndex', 'O'), ('mask', 'O'), ('parts', 'O')])
+    objs = np.zeros((1, len(objects)), [("class", "O"), ("classIndex", "O"), ("mask", "O"), ("parts", "O")])
     for j, (name, index, mask, parts) in enumerate(objects):
-        pa = np.zeros((1, len(parts)), [('part_name', 'O'), ('mask', 'O')]) if parts else np.zeros((0, 0))
+        pa = np.zeros((1, len(parts)), [("part_name", "O"), ("mask", "O")]) if parts else np.zeros((0, 0))
         for k, (part, pmask) in enumerate(parts):
             pa[0, k] = (part, pmask.astype(np.uint8))
         objs[0, j] = (name, np.array([[index]], np.uint8), mask.astype(np.uint8), pa)
-    anno = np.zeros((1, 1), [('imname', 'O'), ('objects', 'O')])
-    anno[0, 0] = ('x', objs)
-    scipy.io.savemat(path, {'anno': anno})
+    anno = np.zeros((1, 1), [("imname", "O"), ("objects", "O")])
+    anno[0, 0] = ("x", objs)
+    scipy.io.savemat(path, {"anno": anno})
 
 
-def make_pascal(root, ids=('a', 'b'), hw=(6, 8), semseg=7, sal=255, parts=None):
+def make_pascal(root, ids=("a", "b"), hw=(6, 8), semseg=7, sal=255, parts=None):
     """PASCAL_MT with constant semseg (in semseg/pascal-context) and saliency; parts: {id: objects}."""
-    for folder in ('ImageSets/Context', 'JPEGImages', 'semseg/pascal-context', 'semseg/VOC12', 'human_parts',
-                   'sal_distill'):
+    for folder in ("ImageSets/Context", "JPEGImages", "semseg/pascal-context", "semseg/VOC12", "human_parts",
+                   "sal_distill"):
         os.makedirs(root / folder, exist_ok=True)
-    for split in ('train', 'val'):
-        (root / 'ImageSets/Context' / f'{split}.txt').write_text(''.join(i + '\n' for i in ids))
+    for split in ("train", "val"):
+        (root / "ImageSets/Context" / f"{split}.txt").write_text("".join(i + "\n" for i in ids))
     for k, id in enumerate(ids):
-        write_image(root / 'JPEGImages' / f'{id}.jpg', hw, k)
-        Image.fromarray(np.full(hw, semseg, np.uint8)).save(root / 'semseg/pascal-context' / f'{id}.png')
-        Image.fromarray(np.full(hw, sal, np.uint8)).save(root / 'sal_distill' / f'{id}.png')
-        write_parts(root / 'human_parts' / f'{id}.mat', (parts or {}).get(id, [('chair', 9, np.ones(hw), [])]))
+        write_image(root / "JPEGImages" / f"{id}.jpg", hw, k)
+        Image.fromarray(np.full(hw, semseg, np.uint8)).save(root / "semseg/pascal-context" / f"{id}.png")
+        Image.fromarray(np.full(hw, sal, np.uint8)).save(root / "sal_distill" / f"{id}.png")
+        write_parts(root / "human_parts" / f"{id}.mat", (parts or {}).get(id, [("chair", 9, np.ones(hw), [])]))
     return root
 
 
 def force(ds, monkeypatch, flip=False, angle=0.0, scale=1.0):
     """Fix the augmentation parameters of a training dataset."""
-    monkeypatch.setattr(ds, 'draw', lambda rng: dict(flip=flip, angle=angle, scale=scale))
+    monkeypatch.setattr(ds, "draw", lambda rng: dict(flip=flip, angle=angle, scale=scale))
     return ds
 
 
@@ -95,43 +95,43 @@ def force(ds, monkeypatch, flip=False, angle=0.0, scale=1.0):
 
 def test_nyud_decoding_and_eval_resolution(tmp_path):
     root = make_nyud(tmp_path)
-    ds = data.NYUD(root, 'val', size=(12, 16))
-    assert not ds.train and len(ds) == 2 and ds.num_outputs == {'semseg': 40, 'depth': 1, 'normals': 3}
+    ds = data.NYUD(root, "val", size=(12, 16))
+    assert not ds.train and len(ds) == 2 and ds.num_outputs == {"semseg": 40, "depth": 1, "normals": 3}
     s = ds[0]
-    assert s['image'].shape == (3, 12, 16) and s['image'].dtype == torch.float32
-    assert s['meta'] == {'id': 'a', 'size': (6, 8)}
-    raw = np.array(Image.open(root / 'segmentation/a.png'))
-    assert s['semseg'].dtype == torch.int64 and s['semseg'].shape == (6, 8)  # eval: original resolution
-    assert (s['semseg'].numpy() == np.where(raw == 0, 255, raw - 1)).all()  # 0 -> 255, k -> k - 1
-    assert {0, 1, 40} <= set(raw.ravel()) and s['semseg'].max() == 255 and s['semseg'][raw == 40].eq(39).all()
-    assert torch.equal(s['depth'][0], torch.from_numpy(np.load(root / 'depth/a.npy')))
-    assert torch.allclose(s['normals'].permute(1, 2, 0), torch.from_numpy(unit_normals((6, 8), 0)), atol=1e-6)
-    assert s['normals'][:, 0, 0].eq(0).all()  # the zero vector stays invalid
+    assert s["image"].shape == (3, 12, 16) and s["image"].dtype == torch.float32
+    assert s["meta"] == {"id": "a", "size": (6, 8)}
+    raw = np.array(Image.open(root / "segmentation/a.png"))
+    assert s["semseg"].dtype == torch.int64 and s["semseg"].shape == (6, 8)  # eval: original resolution
+    assert (s["semseg"].numpy() == np.where(raw == 0, 255, raw - 1)).all()  # 0 -> 255, k -> k - 1
+    assert {0, 1, 40} <= set(raw.ravel()) and s["semseg"].max() == 255 and s["semseg"][raw == 40].eq(39).all()
+    assert torch.equal(s["depth"][0], torch.from_numpy(np.load(root / "depth/a.npy")))
+    assert torch.allclose(s["normals"].permute(1, 2, 0), torch.from_numpy(unit_normals((6, 8), 0)), atol=1e-6)
+    assert s["normals"][:, 0, 0].eq(0).all()  # the zero vector stays invalid
 
 
 def test_nyud_image_normalisation(tmp_path):
-    root = make_nyud(tmp_path, variant='png')
-    s = data.NYUD(root, 'val', size=(6, 8))[0]
-    rgb = np.array(Image.open(root / 'images/a.png')) / 255
+    root = make_nyud(tmp_path, variant="png")
+    s = data.NYUD(root, "val", size=(6, 8))[0]
+    rgb = np.array(Image.open(root / "images/a.png")) / 255
     expect = (rgb - data.IMAGENET_MEAN) / data.IMAGENET_STD
-    assert np.allclose(s['image'].permute(1, 2, 0).numpy(), expect, atol=1e-5)
+    assert np.allclose(s["image"].permute(1, 2, 0).numpy(), expect, atol=1e-5)
 
 
 def test_nyud_png_variant_normals(tmp_path):
-    root = make_nyud(tmp_path, variant='png')
-    s = data.NYUD(root, 'val', size=(6, 8))[1]
-    v = np.array(Image.open(root / 'normals/b.png')).astype(np.float32) * 2 / 255 - 1  # SPEC 1.1
+    root = make_nyud(tmp_path, variant="png")
+    s = data.NYUD(root, "val", size=(6, 8))[1]
+    v = np.array(Image.open(root / "normals/b.png")).astype(np.float32) * 2 / 255 - 1  # SPEC 1.1
     v /= np.linalg.norm(v, axis=-1, keepdims=True)
-    assert np.allclose(s['normals'].permute(1, 2, 0).numpy(), v, atol=1e-6)
-    assert np.allclose(s['normals'].norm(dim=0).numpy(), 1, atol=1e-5)
+    assert np.allclose(s["normals"].permute(1, 2, 0).numpy(), v, atol=1e-6)
+    assert np.allclose(s["normals"].norm(dim=0).numpy(), 1, atol=1e-5)
 
 
 def test_pascal_semseg_voc12_preferred(tmp_path):
     root = make_pascal(tmp_path)
-    Image.fromarray(np.full((6, 8), 5, np.uint8)).save(root / 'semseg/VOC12/a.png')
-    ds = data.PASCALContext(root, 'val', tasks=('semseg',), size=(8, 8))
-    assert ds.num_outputs == {'semseg': 21}
-    assert ds[0]['semseg'].unique().tolist() == [5] and ds[1]['semseg'].unique().tolist() == [7]
+    Image.fromarray(np.full((6, 8), 5, np.uint8)).save(root / "semseg/VOC12/a.png")
+    ds = data.PASCALContext(root, "val", tasks=("semseg",), size=(8, 8))
+    assert ds.num_outputs == {"semseg": 21}
+    assert ds[0]["semseg"].unique().tolist() == [5] and ds[1]["semseg"].unique().tolist() == [7]
 
 
 def test_pascal_human_parts_from_mat(tmp_path):
@@ -141,89 +141,89 @@ def test_pascal_human_parts_from_mat(tmp_path):
         out = np.zeros(hw, bool)
         out[r0:r1, c0:c1] = True
         return out
-    person = [('torso', mask(0, 4, 0, 8)), ('lhand', mask(2, 4, 0, 2)),  # later wins: lhand over torso
-              ('hair', mask(5, 6, 0, 2)), ('luleg', mask(4, 5, 0, 8)), ('rfoot', mask(5, 6, 2, 4)),
-              ('tail', mask(5, 6, 6, 8))]  # not in the table: stays 0
-    parts = {'a': [('chair', 9, mask(0, 6, 0, 8), [('head', mask(0, 6, 0, 8))]),  # not a person: ignored
-                   ('person', 15, mask(0, 6, 0, 8), person), ('person', 15, mask(0, 1, 0, 1), [])],
-             'b': [('chair', 9, mask(0, 6, 0, 8), [('head', mask(0, 6, 0, 8))])],  # no person
-             'c': [('person', 15, mask(0, 6, 0, 8), [])]}  # a person without a part list
-    root = make_pascal(tmp_path, ids=('a', 'b', 'c'), parts=parts)
-    ds = data.PASCALContext(root, 'val', tasks=('human_parts',), size=(8, 8))
+    person = [("torso", mask(0, 4, 0, 8)), ("lhand", mask(2, 4, 0, 2)),  # later wins: lhand over torso
+              ("hair", mask(5, 6, 0, 2)), ("luleg", mask(4, 5, 0, 8)), ("rfoot", mask(5, 6, 2, 4)),
+              ("tail", mask(5, 6, 6, 8))]  # not in the table: stays 0
+    parts = {"a": [("chair", 9, mask(0, 6, 0, 8), [("head", mask(0, 6, 0, 8))]),  # not a person: ignored
+                   ("person", 15, mask(0, 6, 0, 8), person), ("person", 15, mask(0, 1, 0, 1), [])],
+             "b": [("chair", 9, mask(0, 6, 0, 8), [("head", mask(0, 6, 0, 8))])],  # no person
+             "c": [("person", 15, mask(0, 6, 0, 8), [])]}  # a person without a part list
+    root = make_pascal(tmp_path, ids=("a", "b", "c"), parts=parts)
+    ds = data.PASCALContext(root, "val", tasks=("human_parts",), size=(8, 8))
     expect = np.zeros(hw, np.int64)
     expect[0:4], expect[2:4, 0:2], expect[5, 0:2], expect[4], expect[5, 2:4] = 2, 4, 1, 5, 6
-    assert (ds[0]['human_parts'].numpy() == expect).all()
-    assert ds[1]['human_parts'].eq(255).all() and ds[2]['human_parts'].eq(255).all()
-    assert data.PART_ID['llarm'] == 4 and data.PART_ID['neck'] == 2 and len(set(data.PART_ID.values())) == 6
+    assert (ds[0]["human_parts"].numpy() == expect).all()
+    assert ds[1]["human_parts"].eq(255).all() and ds[2]["human_parts"].eq(255).all()
+    assert data.PART_ID["llarm"] == 4 and data.PART_ID["neck"] == 2 and len(set(data.PART_ID.values())) == 6
 
 
 def test_pascal_saliency_threshold(tmp_path):
     root = make_pascal(tmp_path)
-    Image.fromarray(np.array([[0, 127, 128, 255]] * 6, np.uint8).repeat(2, 1)).save(root / 'sal_distill/a.png')
-    s = data.PASCALContext(root, 'val', tasks=('sal',), size=(8, 8))[0]
-    assert s['sal'].shape == (1, 6, 8) and s['sal'][0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    Image.fromarray(np.array([[0, 127, 128, 255]] * 6, np.uint8).repeat(2, 1)).save(root / "sal_distill/a.png")
+    s = data.PASCALContext(root, "val", tasks=("sal",), size=(8, 8))[0]
+    assert s["sal"].shape == (1, 6, 8) and s["sal"][0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Augmentation (SPEC 1.3)
 
 def test_flip_mirrors_everything_and_negates_normals_x(tmp_path, monkeypatch):
-    root = make_nyud(tmp_path, variant='png')
-    plain = force(data.NYUD(root, 'train', size=(6, 8)), monkeypatch)[0]
-    ref = data.NYUD(root, 'val', size=(6, 8))[0]
-    for key in ('image', 'semseg', 'depth', 'normals'):  # identity augmentation == eval at the same size
+    root = make_nyud(tmp_path, variant="png")
+    plain = force(data.NYUD(root, "train", size=(6, 8)), monkeypatch)[0]
+    ref = data.NYUD(root, "val", size=(6, 8))[0]
+    for key in ("image", "semseg", "depth", "normals"):  # identity augmentation == eval at the same size
         assert torch.allclose(plain[key].float(), ref[key].float(), atol=1e-5), key
-    flipped = force(data.NYUD(root, 'train', size=(6, 8)), monkeypatch, flip=True)[0]
-    for key in ('image', 'semseg', 'depth'):
+    flipped = force(data.NYUD(root, "train", size=(6, 8)), monkeypatch, flip=True)[0]
+    for key in ("image", "semseg", "depth"):
         assert torch.allclose(flipped[key].float(), ref[key].flip(-1).float(), atol=1e-5), key
-    assert torch.allclose(flipped['normals'], ref['normals'].flip(-1) * torch.tensor([-1., 1, 1]).view(3, 1, 1))
+    assert torch.allclose(flipped["normals"], ref["normals"].flip(-1) * torch.tensor([-1., 1, 1]).view(3, 1, 1))
 
 
 def test_nyud_zoom_divides_depth(tmp_path, monkeypatch):
     hw, zoom = (12, 24), 1.5
     root = make_nyud(tmp_path, hw=hw)
-    depth = np.load(root / 'depth/a.npy')
-    s = force(data.NYUD(root, 'train', size=hw), monkeypatch, scale=zoom)[0]
+    depth = np.load(root / "depth/a.npy")
+    s = force(data.NYUD(root, "train", size=hw), monkeypatch, scale=zoom)[0]
     # centred zoom: output pixel centre q maps to the input point c + (q - c) / zoom, nearest pixel
     y, x = [(c + (np.arange(n) + 0.5 - c) / zoom) for n, c in zip(hw, (6, 12))]
     safe = np.outer((y % 1 > .01) & (y % 1 < .99), (x % 1 > .01) & (x % 1 < .99))  # off pixel borders
     expect = depth[np.ix_(y.astype(int), x.astype(int))] / zoom
-    assert np.allclose(s['depth'][0].numpy()[safe], expect[safe]) and safe.mean() > 0.4
+    assert np.allclose(s["depth"][0].numpy()[safe], expect[safe]) and safe.mean() > 0.4
 
 
 def test_pascal_rotation_borders_and_unsupervised_parts(tmp_path, monkeypatch):
     hw = (12, 16)
-    root = make_pascal(tmp_path, hw=hw, parts={'a': [('person', 15, np.ones(hw), [('torso', np.ones(hw, bool))])]})
-    ds = force(data.PASCALContext(root, 'train', size=(16, 16)), monkeypatch, angle=20.0, scale=0.75)
+    root = make_pascal(tmp_path, hw=hw, parts={"a": [("person", 15, np.ones(hw), [("torso", np.ones(hw, bool))])]})
+    ds = force(data.PASCALContext(root, "train", size=(16, 16)), monkeypatch, angle=20.0, scale=0.75)
     s = ds[0]
     corners = (slice(0, 1), slice(0, 1))
-    assert s['semseg'][corners].eq(0).all() and s['semseg'][8, 8] == 7  # border 0, inside unchanged
-    assert s['human_parts'][corners].eq(0).all() and s['human_parts'][8, 8] == 2
-    assert s['sal'][0][corners].eq(0).all() and s['sal'][0, 8, 8] == 1
-    assert s['image'][:, 0, 0].abs().max() < 0.02  # border = mean colour = 0 after normalisation
-    assert s['semseg'].shape == s['human_parts'].shape == (16, 16) and s['sal'].shape == (1, 16, 16)
-    assert ds[1]['human_parts'].eq(255).all()  # no parts: stays unsupervised everywhere
+    assert s["semseg"][corners].eq(0).all() and s["semseg"][8, 8] == 7  # border 0, inside unchanged
+    assert s["human_parts"][corners].eq(0).all() and s["human_parts"][8, 8] == 2
+    assert s["sal"][0][corners].eq(0).all() and s["sal"][0, 8, 8] == 1
+    assert s["image"][:, 0, 0].abs().max() < 0.02  # border = mean colour = 0 after normalisation
+    assert s["semseg"].shape == s["human_parts"].shape == (16, 16) and s["sal"].shape == (1, 16, 16)
+    assert ds[1]["human_parts"].eq(255).all()  # no parts: stays unsupervised everywhere
 
 
 def test_augmentation_randomness_follows_torch_seed(tmp_path):
-    ds = data.PASCALContext(make_pascal(tmp_path, hw=(12, 16)), 'train', size=(16, 16))
+    ds = data.PASCALContext(make_pascal(tmp_path, hw=(12, 16)), "train", size=(16, 16))
     torch.manual_seed(0)
-    a = [ds[0]['image'] for _ in range(4)]
+    a = [ds[0]["image"] for _ in range(4)]
     torch.manual_seed(0)
-    b = [ds[0]['image'] for _ in range(4)]
+    b = [ds[0]["image"] for _ in range(4)]
     assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], a[1])
 
 
 def test_collate_mixed_label_sizes(tmp_path):
     root = make_pascal(tmp_path)
-    make_pascal(tmp_path, ids=('c',), hw=(8, 6))
-    for split in ('train', 'val'):
-        (tmp_path / f'ImageSets/Context/{split}.txt').write_text('a\nc\n')
-    batch = data.collate([data.PASCALContext(root, 'val', size=(8, 8))[i] for i in range(2)])
-    assert batch['image'].shape == (2, 3, 8, 8) and isinstance(batch['semseg'], list)
-    assert [t.shape for t in batch['semseg']] == [(6, 8), (8, 6)] and [m['id'] for m in batch['meta']] == ['a', 'c']
-    train = data.collate([data.PASCALContext(root, 'train', size=(8, 8))[i] for i in range(2)])
-    assert train['semseg'].shape == (2, 8, 8) and train['sal'].shape == (2, 1, 8, 8)
+    make_pascal(tmp_path, ids=("c",), hw=(8, 6))
+    for split in ("train", "val"):
+        (tmp_path / f"ImageSets/Context/{split}.txt").write_text("a\nc\n")
+    batch = data.collate([data.PASCALContext(root, "val", size=(8, 8))[i] for i in range(2)])
+    assert batch["image"].shape == (2, 3, 8, 8) and isinstance(batch["semseg"], list)
+    assert [t.shape for t in batch["semseg"]] == [(6, 8), (8, 6)] and [m["id"] for m in batch["meta"]] == ["a", "c"]
+    train = data.collate([data.PASCALContext(root, "train", size=(8, 8))[i] for i in range(2)])
+    assert train["semseg"].shape == (2, 8, 8) and train["sal"].shape == (2, 1, 8, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,19 +231,19 @@ def test_collate_mixed_label_sizes(tmp_path):
 
 def test_toy_nyud_loads_and_is_geometrically_coherent(tmp_path):
     h, w = 48, 64
-    root = data.make_toy(tmp_path, 'nyud', n_train=8, n_val=2, size=(h, w))
-    ds = data.NYUD(root, 'train', train=False, num_classes=len(data.TOY_CLASSES), size=(h, w))
-    assert len(ds) == 8 and len(data.NYUD(root, 'val', num_classes=6)) == 2 and len(data.TOY_CLASSES) >= 6
+    root = data.make_toy(tmp_path, "nyud", n_train=8, n_val=2, size=(h, w))
+    ds = data.NYUD(root, "train", train=False, num_classes=len(data.TOY_CLASSES), size=(h, w))
+    assert len(ds) == 8 and len(data.NYUD(root, "val", num_classes=6)) == 2 and len(data.TOY_CLASSES) >= 6
     classes = set()
     f = data.TOY_FOCAL * w
     v, u = np.mgrid[:h, :w] + 0.5
     for s in ds:
-        depth, normals, seg = s['depth'][0].numpy(), s['normals'].permute(1, 2, 0).numpy(), s['semseg'].numpy()
+        depth, normals, seg = s["depth"][0].numpy(), s["normals"].permute(1, 2, 0).numpy(), s["semseg"].numpy()
         classes |= set(seg.ravel()) - {255}
         valid = depth > 0
         assert 0.5 < depth[valid].min() and depth.max() < 12 and 0.02 < 1 - valid.mean() < 0.08  # holes ~5 %
         assert np.allclose(np.linalg.norm(normals[valid], axis=-1), 1, atol=1e-5) and (normals[~valid] == 0).all()
-        floor = (seg == data.TOY_CLASSES.index('floor')) & valid
+        floor = (seg == data.TOY_CLASSES.index("floor")) & valid
         n = normals[floor]  # a flat floor: one normal, and every back-projected point on the same plane
         assert np.abs(n - n.mean(0)).max() < 1e-4 and n.mean(0)[1] < -0.9  # camera y is down: floor faces up
         rays = np.stack([(u[floor] - w / 2) / f, (v[floor] - h / 2) / f, np.ones(floor.sum())], -1)  # z = 1
@@ -254,77 +254,77 @@ def test_toy_nyud_loads_and_is_geometrically_coherent(tmp_path):
 
 
 def test_toy_pascal_loads(tmp_path):
-    root = data.make_toy(tmp_path, 'pascal', n_train=10, n_val=2, size=(48, 64))
-    ds = data.PASCALContext(root, 'train', train=False, size=(64, 64))
+    root = data.make_toy(tmp_path, "pascal", n_train=10, n_val=2, size=(48, 64))
+    ds = data.PASCALContext(root, "train", train=False, size=(64, 64))
     samples = list(ds)
-    assert len({s['meta']['size'] for s in samples}) > 2  # sizes vary, some portrait
-    assert any(s['meta']['size'][0] > s['meta']['size'][1] for s in samples)
-    parts = [s['human_parts'] for s in samples]
+    assert len({s["meta"]["size"] for s in samples}) > 2  # sizes vary, some portrait
+    assert any(s["meta"]["size"][0] > s["meta"]["size"][1] for s in samples)
+    parts = [s["human_parts"] for s in samples]
     assert any(p.eq(255).all() for p in parts)  # some images without a figure
     assert set(torch.cat([p.ravel() for p in parts if not p.eq(255).all()]).tolist()) == set(range(7))
-    assert set(torch.cat([s['semseg'].ravel() for s in samples]).tolist()) <= {0, 5, 9, 15, 16}
+    assert set(torch.cat([s["semseg"].ravel() for s in samples]).tolist()) <= {0, 5, 9, 15, 16}
     for s in samples:
-        assert ((s['semseg'] > 0).float() == s['sal'][0]).all()  # foreground objects are salient
-        assert (s['human_parts'][s['semseg'] != 15] <= 0).all() or s['human_parts'].eq(255).all()
-    assert data.PASCALContext(root, 'train')[0]['image'].shape == (3, 512, 512)
+        assert ((s["semseg"] > 0).float() == s["sal"][0]).all()  # foreground objects are salient
+        assert (s["human_parts"][s["semseg"] != 15] <= 0).all() or s["human_parts"].eq(255).all()
+    assert data.PASCALContext(root, "train")[0]["image"].shape == (3, 512, 512)
 
 
 def test_toy_is_deterministic_and_reused(tmp_path):
-    a = data.make_toy(tmp_path / 'a', 'pascal', n_train=3, n_val=1, size=(32, 40), seed=1)
-    b = data.make_toy(tmp_path / 'b', 'pascal', n_train=3, n_val=1, size=(32, 40), seed=1)
-    c = data.make_toy(tmp_path / 'c', 'pascal', n_train=3, n_val=1, size=(32, 40), seed=2)
+    a = data.make_toy(tmp_path / "a", "pascal", n_train=3, n_val=1, size=(32, 40), seed=1)
+    b = data.make_toy(tmp_path / "b", "pascal", n_train=3, n_val=1, size=(32, 40), seed=1)
+    c = data.make_toy(tmp_path / "c", "pascal", n_train=3, n_val=1, size=(32, 40), seed=2)
     files = sorted(os.path.relpath(os.path.join(d, f), a) for d, _, fs in os.walk(a) for f in fs)
     assert len(files) == 4 * 4 + 2
-    read = lambda root, f: open(os.path.join(root, f), 'rb').read()
-    assert all(read(a, f) == read(b, f) for f in files if not f.endswith('.mat'))  # .mat headers hold a date
+    read = lambda root, f: open(os.path.join(root, f), "rb").read()
+    assert all(read(a, f) == read(b, f) for f in files if not f.endswith(".mat"))  # .mat headers hold a date
     for x, y in zip(data.PASCALContext(a, train=False), data.PASCALContext(b, train=False)):
-        assert torch.equal(x['human_parts'], y['human_parts'])
-    assert read(a, 'JPEGImages/2008_000000.jpg') != read(c, 'JPEGImages/2008_000000.jpg')
-    stamp = os.path.getmtime(os.path.join(a, 'JPEGImages/2008_000000.jpg'))
-    data.make_toy(tmp_path / 'a', 'pascal', n_train=3, n_val=1, size=(32, 40), seed=1)  # complete: not rewritten
-    assert os.path.getmtime(os.path.join(a, 'JPEGImages/2008_000000.jpg')) == stamp
+        assert torch.equal(x["human_parts"], y["human_parts"])
+    assert read(a, "JPEGImages/2008_000000.jpg") != read(c, "JPEGImages/2008_000000.jpg")
+    stamp = os.path.getmtime(os.path.join(a, "JPEGImages/2008_000000.jpg"))
+    data.make_toy(tmp_path / "a", "pascal", n_train=3, n_val=1, size=(32, 40), seed=1)  # complete: not rewritten
+    assert os.path.getmtime(os.path.join(a, "JPEGImages/2008_000000.jpg")) == stamp
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Errors name the file
 
 def test_missing_root_and_split_file(tmp_path):
-    with pytest.raises(data.DataError, match='dataset root not found.*gt_sets.*14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw'):
-        data.NYUD(tmp_path / 'nowhere')
-    with pytest.raises(data.DataError, match='split file not found.*Context.train.txt.*PASCAL_MT.tgz'):
+    with pytest.raises(data.DataError, match="dataset root not found.*gt_sets.*14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw"):
+        data.NYUD(tmp_path / "nowhere")
+    with pytest.raises(data.DataError, match="split file not found.*Context.train.txt.*PASCAL_MT.tgz"):
         data.PASCALContext(tmp_path)
 
 
-@pytest.mark.parametrize('name, payload', [('images/a.jpg', None), ('depth/a.npy', None),
-                                           ('images/a.jpg', b'not a jpeg'), ('segmentation/a.png', b'\x89PNG junk'),
-                                           ('normals/a.npy', b'garbage'), ('depth/a.npy', b'\x93NUMPY')])
+@pytest.mark.parametrize("name, payload", [("images/a.jpg", None), ("depth/a.npy", None),
+                                           ("images/a.jpg", b"not a jpeg"), ("segmentation/a.png", b"\x89PNG junk"),
+                                           ("normals/a.npy", b"garbage"), ("depth/a.npy", b"\x93NUMPY")])
 def test_missing_or_corrupt_nyud_file(tmp_path, name, payload):
     root = make_nyud(tmp_path)
     os.remove(root / name) if payload is None else (root / name).write_bytes(payload)
-    with pytest.raises(data.DataError, match=('missing file' if payload is None else 'cannot read') + '.*' + name):
+    with pytest.raises(data.DataError, match=("missing file" if payload is None else "cannot read") + ".*" + name):
         data.NYUD(root)[0]
 
 
 def test_corrupt_mat_and_truncated_jpg(tmp_path):
     root = make_pascal(tmp_path)
-    (root / 'human_parts/a.mat').write_bytes(b'MATLAB 5.0 MAT-file, broken')
-    with pytest.raises(data.DataError, match='human_parts/a.mat'):
+    (root / "human_parts/a.mat").write_bytes(b"MATLAB 5.0 MAT-file, broken")
+    with pytest.raises(data.DataError, match="human_parts/a.mat"):
         data.PASCALContext(root)[0]
-    jpg = (root / 'JPEGImages/b.jpg').read_bytes()
-    (root / 'JPEGImages/b.jpg').write_bytes(jpg[:len(jpg) // 2])
-    with pytest.raises(data.DataError, match='JPEGImages/b.jpg'):
+    jpg = (root / "JPEGImages/b.jpg").read_bytes()
+    (root / "JPEGImages/b.jpg").write_bytes(jpg[:len(jpg) // 2])
+    with pytest.raises(data.DataError, match="JPEGImages/b.jpg"):
         data.PASCALContext(root)[1]
 
 
 def test_label_size_mismatch_and_out_of_range(tmp_path):
     root = make_nyud(tmp_path)
-    np.save(root / 'depth/a.npy', np.ones((5, 8), np.float32))
-    with pytest.raises(data.DataError, match=r'depth/a.npy: label size 5x8 does not match image size 6x8'):
+    np.save(root / "depth/a.npy", np.ones((5, 8), np.float32))
+    with pytest.raises(data.DataError, match=r"depth/a.npy: label size 5x8 does not match image size 6x8"):
         data.NYUD(root)[0]
-    with pytest.raises(data.DataError, match=r'segmentation/b.png: semseg value 40 out of range 0..6'):
+    with pytest.raises(data.DataError, match=r"segmentation/b.png: semseg value 40 out of range 0..6"):
         data.NYUD(root, num_classes=6)[1]
-    root = make_pascal(tmp_path / 'p', semseg=30)
-    with pytest.raises(data.DataError, match=r'pascal-context/a.png: semseg values \[30\] out of range'):
+    root = make_pascal(tmp_path / "p", semseg=30)
+    with pytest.raises(data.DataError, match=r"pascal-context/a.png: semseg values \[30\] out of range"):
         data.PASCALContext(root)[0]
 
 
@@ -332,28 +332,28 @@ def test_label_size_mismatch_and_out_of_range(tmp_path):
 # python data.py check
 
 def test_check_passes_on_toys(tmp_path, capsys):
-    data.make_toy(tmp_path / 'n', 'nyud', n_train=4, n_val=2, size=(32, 40))
-    data.make_toy(tmp_path / 'p', 'pascal', n_train=4, n_val=2, size=(32, 40))
-    assert data.main(['check', '--dataset', 'nyud', str(tmp_path / 'n'), '--any-split-size']) == 0
-    assert data.main(['check', '--dataset', 'pascal', str(tmp_path / 'p'), '--any-split-size']) == 0
+    data.make_toy(tmp_path / "n", "nyud", n_train=4, n_val=2, size=(32, 40))
+    data.make_toy(tmp_path / "p", "pascal", n_train=4, n_val=2, size=(32, 40))
+    assert data.main(["check", "--dataset", "nyud", str(tmp_path / "n"), "--any-split-size"]) == 0
+    assert data.main(["check", "--dataset", "pascal", str(tmp_path / "p"), "--any-split-size"]) == 0
     out = capsys.readouterr().out
-    assert 'NYUD_MT' in out and 'human parts:' in out and 'NOT usable' not in out
+    assert "NYUD_MT" in out and "human parts:" in out and "NOT usable" not in out
 
 
-@pytest.mark.parametrize('damage, name', [('missing', 'depth/0001.npy'), ('corrupt', 'segmentation/0002.png'),
-                                          ('range', 'segmentation/0003.png'), ('split', 'gt_sets/train.txt')])
+@pytest.mark.parametrize("damage, name", [("missing", "depth/0001.npy"), ("corrupt", "segmentation/0002.png"),
+                                          ("range", "segmentation/0003.png"), ("split", "gt_sets/train.txt")])
 def test_check_reports_problems(tmp_path, capsys, damage, name):
-    root = data.make_toy(tmp_path, 'nyud', n_train=4, n_val=2, size=(32, 40))
-    if damage == 'missing':
+    root = data.make_toy(tmp_path, "nyud", n_train=4, n_val=2, size=(32, 40))
+    if damage == "missing":
         os.remove(root / name)
-    elif damage == 'corrupt':
-        (root / name).write_bytes(b'\x89PNG broken')
-    elif damage == 'range':
+    elif damage == "corrupt":
+        (root / name).write_bytes(b"\x89PNG broken")
+    elif damage == "range":
         Image.fromarray(np.full((32, 40), 41, np.uint8)).save(root / name)
-    argv = ['check', '--dataset', 'nyud', str(root)] + ([] if damage == 'split' else ['--any-split-size'])
+    argv = ["check", "--dataset", "nyud", str(root)] + ([] if damage == "split" else ["--any-split-size"])
     assert data.main(argv) != 0
     out = capsys.readouterr().out
-    assert 'NOT usable' in out and name in out
+    assert "NOT usable" in out and name in out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -868,6 +868,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_root, tmp_path,
 def test_missing_dataset_root_is_a_clear_error(tmp_path):
     with pytest.raises(data.DataError, match="NYUD_MT layout"):
         run_main("--dataset", "nyud", "--data-root", tmp_path / "nowhere", "--no-pretrained", *SMALL)
+
+
+def test_pretrained_weights_missing_from_the_cache_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="never downloaded at run time"):  # main() forbids downloads
+        run_main("--benchmark", "--dataset", "nyud", "--backbone", "test_resnet.r160_in1k", "--pretrained",
+                 "--dim", 16, "--img-size", 32, 32, "--batch-size", 1)
 
 
 def test_pascal_layout_trains_and_evaluates(tmp_path):

@@ -1107,6 +1107,7 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     train_set, val_set = build_datasets(args, master=master)
     num_outputs, tasks = train_set.num_outputs, list(train_set.num_outputs)
+    load_baselines(args.baselines, tasks)
 
     model = raw_model = build_model(args, num_outputs).to(device)
     constants = constant_predictions(train_set) if "depth" in tasks or args.dataset == "toy" else None
@@ -1228,12 +1229,25 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
     return results
 
 
+def load_baselines(files: list[str] | None, tasks: list[str]) -> dict:
+    """The single-task metrics.json files of --baselines, merged: task -> metrics. Checked before training,
+    so a missing task or an unreadable file fails at once rather than after the last epoch."""
+    baselines = {}
+    for file in files or []:
+        try:
+            baselines.update(json.loads(Path(file).read_text())["metrics"])
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"--baselines: cannot read metrics from {file}: {e!r}") from e
+    missing = [t for t in tasks if t not in baselines]
+    if files and missing:
+        raise SystemExit(f"--baselines: no single-task metrics for {missing} in {files}; Delta_m needs one per task")
+    return baselines
+
+
 def write_metrics(path: Path, args, results: dict, *, epoch: int, reference: dict | None = None) -> None:
     """metrics.json: the last epoch's validation metrics, Delta_m against --baselines, and the constant
     predictors' metrics when given. A single-task run's file is itself a baseline file for --baselines."""
-    baselines = {}
-    for file in args.baselines or []:
-        baselines.update(json.loads(Path(file).read_text())["metrics"])
+    baselines = load_baselines(args.baselines, list(results))
     dm = delta_m(results, baselines) if baselines else None
     path.write_text(json.dumps(dict(dataset=args.dataset, split="val", epoch=epoch, tasks=list(results),
                                     metrics=results, delta_m=dm, baselines=args.baselines,

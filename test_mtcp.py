@@ -745,6 +745,14 @@ def test_ablation_switches_run_and_shrink_the_model():
         assert all(len(a) == (0 if "traceback" in kwargs else 3) for a in aux.values())
 
 
+def test_paper_and_odd_input_sizes():
+    for size in ((480, 640), (375, 500)):
+        model = mtcp.MTCP(THREE, backbone="test_resnet", img_size=size, dim=8).eval()
+        with torch.no_grad():
+            preds, aux = model(torch.randn(1, 3, *size))
+        assert preds["normals"].shape == (1, 3, *size) and aux["semseg"][0].shape == (1, 5, *size)
+
+
 def test_input_of_another_size_is_a_clear_error():
     model = mtcp.MTCP({"depth": 1}, backbone="test_resnet", img_size=(64, 64), **TINY)
     with pytest.raises(ValueError, match=r"built for inputs of \(64, 64\), got \(64, 80\)"):
@@ -853,6 +861,19 @@ def test_eval_only_reproduces_the_last_evaluation(toy_root, tmp_path):
     again = run_main("--eval-only", tmp_path / "checkpoint.pt", "--workers", 0)
     assert_same_results(again, results)
     assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_single_task_runs_are_baselines_for_delta_m(toy_root, tmp_path):
+    for task in ("semseg", "depth", "normals"):
+        run_main("--data-root", toy_root, "--out-dir", tmp_path / task, "--epochs", 1, "--tasks", task, *SMALL)
+    files = [tmp_path / t / "metrics.json" for t in ("semseg", "depth", "normals")]
+    with pytest.raises(SystemExit, match="no single-task metrics for"):  # before training, not after
+        run_main("--data-root", toy_root, "--out-dir", tmp_path / "mtl", "--epochs", 1, "--baselines", files[0], *SMALL)
+    results = run_main("--data-root", toy_root, "--out-dir", tmp_path / "mtl", "--epochs", 1, "--baselines", *files,
+                       *SMALL)
+    baselines = {t: json.loads(f.read_text())["metrics"][t] for t, f in zip(("semseg", "depth", "normals"), files)}
+    written = json.loads((tmp_path / "mtl" / "metrics.json").read_text())["delta_m"]
+    assert written == pytest.approx(delta_m(results, baselines)) and math.isfinite(written)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_root, tmp_path, monkeypatch):

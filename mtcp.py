@@ -1151,6 +1151,11 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
               f"({world} x {args.batch_size}), {len(loader)} steps per epoch, {args.epochs} epochs, device {device}"
               + (f", resuming at epoch {start_epoch}" if checkpoint is not None else ""), flush=True)
 
+    def validate() -> dict:
+        broadcast_buffers(raw_model)
+        return evaluate(raw_model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
+                        amp=args.amp, rank=rank, world=world)
+
     results, run_start, run_start_step = None, time.perf_counter(), step
     for epoch in range(start_epoch, args.epochs):
         model.train()
@@ -1204,10 +1209,7 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
                       weights=weights, next_weights=dict(balancer.weights),
                       img_per_s=len(loader) * args.batch_size * world / epoch_time, epoch_time_s=epoch_time)
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            broadcast_buffers(raw_model)
-            results = evaluate(raw_model, val_set, device=device, batch_size=args.eval_batch_size,
-                               workers=args.workers, amp=args.amp, rank=rank, world=world)
-            record["metrics"] = results
+            record["metrics"] = results = validate()
         if master:
             if "metrics" in record:
                 print(f"epoch {epoch + 1} validation ({len(val_set)} images):\n{format_metrics(results)}", flush=True)
@@ -1219,9 +1221,7 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
                 normalization=dict(mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD)),
                 versions=dict(torch=str(torch.__version__), timm=timm.__version__)))
     if results is None:  # resumed after the last epoch: just evaluate
-        broadcast_buffers(raw_model)
-        results = evaluate(raw_model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
-                           amp=args.amp, rank=rank, world=world)
+        results = validate()
     reference = constant_predictor_metrics(constants, val_set, rank=rank, world=world) if args.dataset == "toy" else None
     if master:
         save_visuals(raw_model, val_set, out_dir / "vis", device=device, amp=args.amp)

@@ -34,6 +34,7 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.distributed.elastic.multiprocessing.errors import record
 from timm.models.swin_transformer import SwinTransformerStage
 
 import data
@@ -1459,6 +1461,14 @@ def benchmark(args, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Command line
 
+class UserError(Exception):
+    """A problem the user can fix: a missing dataset, an unreadable file, a bad flag value. `cli()` reports it
+    once (rank 0 only) as one message naming the file or flag and what to do, with no traceback, and exits
+    with USER_ERROR_EXIT on every rank. data.DataError is reported the same way."""
+
+
+USER_ERROR_EXIT = 2  # argparse's exit code for a bad command line; used for every UserError
+
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags left at None take their value from DATASETS[--dataset] (SPEC 5) or, when resuming, from the
     checkpoint."""
@@ -1595,5 +1605,17 @@ def main(argv: list[str] | None = None):
             dist.destroy_process_group()
 
 
+@record  # under torchrun, an unexpected error's traceback reaches torchrun's failure summary
+def cli(argv: list[str] | None = None) -> int:
+    """The program's entry point: main() with user errors reported once and without a traceback."""
+    try:
+        main(argv)
+    except (UserError, data.DataError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"mtcp: error: {e}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -81,7 +81,8 @@ def _human_parts(path, hw):
 
 def augment(img, targets, size, flip=False, angle=0.0, scale=1.0):
     """SPEC 1.3: flip, rotate by `angle` degrees and scale about the centre, resize to `size` (H, W): one PIL
-    affine per plane (image bilinear, labels nearest). Borders: image mean colour, labels 0.
+    affine per plane (image bicubic, labels nearest). Borders: image black, labels 0. The in-plane (x, y)
+    components of normals turn with the image (x along columns, y along rows, as the released code has it).
     img (H, W, 3) uint8 and targets {task: array at the image's size} -> the same at `size`."""
     (h, w), (H, W) = img.shape[:2], size
     c = np.array([w / 2, h / 2])  # centre in PIL's continuous pixel coordinates
@@ -95,16 +96,20 @@ def augment(img, targets, size, flip=False, angle=0.0, scale=1.0):
     def warp(plane, resample, fill):
         im = Image.fromarray(np.ascontiguousarray(plane))
         return np.array(im.transform((W, H), Image.Transform.AFFINE, coeffs, resample, fillcolor=fill))
-    img = warp(img, Image.Resampling.BILINEAR, tuple(int(round(255 * m)) for m in IMAGENET_MEAN))
+    # NOTE(repro): PIL's bicubic (a = -0.5) where the released code uses OpenCV's (a = -0.75); the rotation's
+    # border is black in both.
+    img = warp(img, Image.Resampling.BICUBIC, (0, 0, 0))
     out = {}
     for task, arr in targets.items():
         if task == "human_parts" and (arr == 255).all():  # no supervision stays no supervision
             out[task] = np.full((H, W), 255, np.uint8)
             continue
-        if task == "normals" and flip:  # SPEC 1.1: channel 0 is horizontal
-            arr = arr * np.float32([-1, 1, 1])
+        if task == "normals" and (flip or angle):
+            # a vector v of the input image appears as scale * M^-1 v in the output: flip (channel 0 is
+            # horizontal, SPEC 1.1) and rotation, without the scale (normals stay unit length)
+            rot = np.linalg.inv(M) / scale  # (2, 2) on (x, y)
+            arr = np.concatenate([arr[..., :2] @ rot.T.astype(np.float32), arr[..., 2:]], -1)
         planes = [warp(p, Image.Resampling.NEAREST, 0) for p in np.moveaxis(np.atleast_3d(arr), -1, 0)]
-        # normals (PASCAL normals_distill) keep their direction under the in-plane rotation
         out[task] = np.stack(planes, -1) if arr.ndim == 3 else planes[0]
         if task == "depth":  # zooming in by s brings the scene s times closer
             out[task] /= np.float32(scale)

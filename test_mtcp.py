@@ -16,6 +16,7 @@ import scipy.io
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
@@ -200,9 +201,31 @@ def test_pascal_rotation_borders_and_unsupervised_parts(tmp_path, monkeypatch):
     assert s["semseg"][corners].eq(0).all() and s["semseg"][8, 8] == 7  # border 0, inside unchanged
     assert s["human_parts"][corners].eq(0).all() and s["human_parts"][8, 8] == 2
     assert s["sal"][0][corners].eq(0).all() and s["sal"][0, 8, 8] == 1
-    assert s["image"][:, 0, 0].abs().max() < 0.02  # border = mean colour = 0 after normalisation
+    black = -torch.tensor(data.IMAGENET_MEAN) / torch.tensor(data.IMAGENET_STD)  # the released code's border
+    assert torch.allclose(s["image"][:, 0, 0], black, atol=0.02)
     assert s["semseg"].shape == s["human_parts"].shape == (16, 16) and s["sal"].shape == (1, 16, 16)
     assert ds[1]["human_parts"].eq(255).all()  # no parts: stays unsupervised everywhere
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("angle", [90.0, -30.0])
+def test_rotation_turns_normals_with_the_image(flip, angle):
+    # one marked pixel right of the centre, normals everywhere pointing right (+x, along the columns):
+    # after the warp the normal must point from the centre to where the marked pixel went
+    label = np.zeros((21, 21), np.uint8)
+    label[10, 18] = 1
+    normals = np.tile(np.float32([1, 0, 0.5]), (21, 21, 1))
+    _, out = data.augment(np.zeros((21, 21, 3), np.uint8), {"semseg": label, "normals": normals}, (21, 21),
+                          flip=flip, angle=angle, scale=1.0)
+    (r,), (c,) = np.nonzero(out["semseg"])
+    direction = np.array([c - 10, r - 10], float) / np.hypot(c - 10, r - 10)
+    n = out["normals"][r, c]
+    assert np.allclose(n[:2] / np.hypot(*n[:2]), direction, atol=0.03)
+    assert n[2] == 0.5 and np.isclose(np.hypot(*n[:2]), 1)  # z and the length are kept
+    # by hand: PIL's affine with this matrix turns the content clockwise on screen for a positive angle
+    # (y grows downwards), so +x becomes (cos a, sin a); the flip mirrors x first, -x becomes -(cos a, sin a)
+    a = np.deg2rad(angle)
+    assert np.allclose(n[:2], (-1 if flip else 1) * np.array([np.cos(a), np.sin(a)]), atol=1e-6)
 
 
 def test_augmentation_randomness_follows_torch_seed(tmp_path):
@@ -408,7 +431,7 @@ def test_multi_task_losses_aux_weighting():
     final = torch.tensor([[1.5, 2.0]]).view(1, 1, 1, 2)  # L1 = 0.25
     aux = [torch.tensor([[2.0, 3.0]]).view(1, 1, 1, 2), torch.tensor([[3.0, 4.0]]).view(1, 1, 1, 2)]  # 1, 2
     losses = multi_task_losses({"depth": final}, {"depth": aux}, {"depth": target})
-    assert losses["depth"].item() == pytest.approx(0.25 + 0.5 * 1.5)
+    assert losses["depth"].item() == pytest.approx(0.25 + 0.5 * (1 + 2))  # 0.5 per auxiliary output
     losses = multi_task_losses({"depth": final}, {"depth": []}, {"depth": target}, aux_weight=0.5)
     assert losses["depth"].item() == pytest.approx(0.25)
     with pytest.raises(ValueError, match="no loss for task 'edge'"):
@@ -532,9 +555,10 @@ def test_semseg_spec_vector():
     assert result["pixel_acc"] == pytest.approx(100 * 9 / 11)
 
 
-def test_human_parts_all_ignore_image_contributes_nothing():
-    gt = torch.tensor([[[0, 1], [2, 2]], [[255, 255], [255, 255]]])
-    pred = torch.tensor([[[0, 1], [2, 0]], [[1, 1], [1, 1]]])
+def test_human_parts_images_without_parts_are_skipped():
+    # image 2 is unsupervised (all 255); image 3 has no part pixel (only 0 and 255): both evaluators skip it
+    gt = torch.tensor([[[0, 1], [2, 2]], [[255, 255], [255, 255]], [[0, 0], [255, 0]]])
+    pred = torch.tensor([[[0, 1], [2, 0]], [[1, 1], [1, 1]], [[1, 2], [1, 1]]])
     metrics = Metrics({"human_parts": 3})
     metrics.update({"human_parts": one_hot_logits(pred, 3)}, {"human_parts": gt})
     result = metrics.compute()["human_parts"]
@@ -551,15 +575,15 @@ def test_depth_spec_vector_and_by_hand():
     metrics.update({"depth": torch.tensor([[2.5, 6]]).view(1, 1, 1, 2)},
                    {"depth": torch.tensor([[2.0, 7]]).view(1, 1, 1, 2)})
     assert metrics.compute()["depth"]["rmse"] == pytest.approx(0.707107, abs=1e-6)
-    # (gt, pred): (1, 1), (2, 1), (4, 4.5), (1, -1 -> clamped to 1e-3), (0, 7) invalid
+    # (gt, pred): (1, 1), (2, 1), (4, 4.5), (1, -1 -> clamped to 1e-9 before every metric), (0, 7) invalid
     metrics = Metrics({"depth": 1})
     metrics.update({"depth": torch.tensor([1.0, 1, 4.5, -1, 7]).view(1, 1, 1, 5)},
                    {"depth": torch.tensor([1.0, 2, 4, 1, 0]).view(1, 1, 1, 5)})
     result = metrics.compute()["depth"]
-    assert result["rmse"] == pytest.approx(math.sqrt((0 + 1 + 0.25 + 4) / 4))
+    assert result["rmse"] == pytest.approx(math.sqrt((0 + 1 + 0.25 + (1 - 1e-9) ** 2) / 4))  # not (1 - -1)^2
     assert result["log_rmse"] == pytest.approx(
-        math.sqrt((math.log(2) ** 2 + math.log(1.125) ** 2 + math.log(1e-3) ** 2) / 4), rel=1e-5)
-    assert result["abs_rel"] == pytest.approx((0 + 0.5 + 0.125 + 0.999) / 4, rel=1e-5)
+        math.sqrt((math.log(2) ** 2 + math.log(1.125) ** 2 + math.log(1e-9) ** 2) / 4), rel=1e-6)
+    assert result["abs_rel"] == pytest.approx((0 + 0.5 + 0.125 + (1 - 1e-9)) / 4, rel=1e-6)
     assert result["delta1"] == pytest.approx(50.0)
 
 
@@ -595,6 +619,19 @@ def test_saliency_maxf_and_miou_by_hand():
     assert result["maxF"] == pytest.approx(100 * 39 / 49, rel=1e-6)
     # per-image IoU at 0.25 / 0.30: image 1 {0.92, 0.32, 0.72} vs GT -> 2/3, image 2 -> 1, image 3 -> 1
     assert result["mIoU"] == pytest.approx(100 * (2 / 3 + 1 + 1) / 3, rel=1e-6)
+    # maxF_mtcp at 0.25 / 0.30: per-image (P, R) = (2/3, 1), (0, 0) (nothing predicted, nothing salient),
+    # (1, 1); means P = 5/9, R = 2/3; F = 2 P R / (P + R) = 20/33 (0.20: 0.491, 0.35: 0.5)
+    assert result["maxF_mtcp"] == pytest.approx(100 * 20 / 33, rel=1e-6)
+
+
+def test_saliency_maxf_mtcp_with_an_empty_prediction():
+    # image A: GT (1, 1, 0, 0), probabilities (0.95, 0.52, 0.52, 0.1); image B: GT (1, 0, 0, 0), nothing predicted
+    metrics = Metrics({"sal": 1})
+    probs = torch.tensor([[0.95, 0.52, 0.52, 0.1], [0.1] * 4]).apply_(logit)
+    metrics.update({"sal": probs.view(2, 1, 1, 4)}, {"sal": torch.tensor([[1.0, 1, 0, 0], [1, 0, 0, 0]]).view(2, 1, 1, 4)})
+    # thresholds 0.20..0.50: A (P, R) = (2/3, 1), B (0, 0) -> P = 1/3, R = 1/2, F = 2 (1/6) / (5/6) = 0.4;
+    # 0.55..0.90: A (1, 1/2), B (0, 0) -> P = 1/2, R = 1/4, F = 1/3
+    assert metrics.compute()["sal"]["maxF_mtcp"] == pytest.approx(40.0, rel=1e-6)
 
 
 def random_batch(seed, batch=4):
@@ -642,6 +679,12 @@ def test_delta_m_spec_vector():
     mtl = {"semseg": {"mIoU": 51.0}, "depth": {"rmse": 0.51}, "normals": {"mean": 19.5}}
     assert delta_m(mtl, stl) == pytest.approx(0.8333, abs=1e-4)
     assert HEADLINE["depth"] == ("rmse", -1)
+
+
+def test_delta_m_scores_saliency_by_miou_as_mtcp():
+    stl = {"semseg": {"mIoU": 50.0}, "sal": {"mIoU": 60.0, "maxF": 80.0, "maxF_mtcp": 75.0}}
+    mtl = {"semseg": {"mIoU": 50.0}, "sal": {"mIoU": 63.0, "maxF": 70.0, "maxF_mtcp": 70.0}}
+    assert delta_m(mtl, stl) == pytest.approx(100 * (0 + 3 / 60) / 2)  # +2.5 %; by maxF it would be -6.25 %
 
 
 # two gloo ranks
@@ -705,6 +748,18 @@ def test_model_shapes_for_1_2_3_tasks(backbone, size):
         for t, c in num_outputs.items():
             assert preds[t].shape == (2, c, *size)
             assert [a.shape for a in aux[t]] == [(2, c, *size)] * 3
+
+
+def test_decoder_stages_are_layer_normed_and_x_is_signed():
+    torch.manual_seed(0)
+    decoder = mtcp.TaskDecoder(dim=16, feat_size=(16, 16))
+    feats, x = decoder(torch.randn(2, 16, 16, 16).abs() + 1)  # a positive input, as after a ReLU
+    for f, width in zip(feats, (16, 32, 64)):
+        assert f.shape[1] == width
+        assert f.mean(1).abs().max() < 1e-5  # zero mean over channels at every position
+        assert (f.var(1, unbiased=False) - 1).abs().max() < 1e-3  # unit variance (LayerNorm's eps aside)
+    assert (x < 0).any() and (x > 0).any()  # the FPN ends in a plain conv: X_t is signed
+    assert not any(isinstance(m, (nn.BatchNorm2d, nn.ReLU)) for m in decoder.fpn.modules())
 
 
 def test_every_parameter_gets_a_finite_gradient():

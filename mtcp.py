@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from PIL import Image
 from torch.distributed.elastic.multiprocessing.errors import record
 from timm.models.swin_transformer import SwinTransformerStage
@@ -400,6 +401,23 @@ class TraceBack(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 # The MT-CP network (SPEC 2)
 
+@contextlib.contextmanager
+def _bn_stats_kept(module: nn.Module):
+    """Around an activation checkpoint's recomputation: BatchNorm still normalises by the batch, as in the first
+    forward, but its running statistics (already updated then) are left as they are."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+           and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 class MTCP(nn.Module):
     """MT-CP: shared backbone, one decoder per task, coherence fusion, trace-back, heads (paper Fig. 2).
 
@@ -442,6 +460,23 @@ class MTCP(nn.Module):
         # each task its own kind of final head; here all four heads of every task are the same small Head.
         self.heads = nn.ModuleDict({t: nn.ModuleList(Head(dim=dim, out_channels=c) for _ in range(4 if traceback else 1))
                                     for t, c in num_outputs.items()})
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute activations in the backward pass instead of keeping them, per block: each backbone stage
+        (timm's own checkpointing), each task decoder, each CFM and each trace-back. Same loss and gradients,
+        less memory, more time (README: performance). Caveat: timm's checkpointing of a BatchNorm backbone (a
+        ResNet; Swin has none) updates those BN running statistics twice per step; the blocks checkpointed here
+        update theirs once."""
+        self.backbone.body.set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
+
+    def _block(self, module: nn.Module, *args):
+        """module(*args), through activation checkpointing when it is on and gradients are being recorded."""
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return module(*args)
+        return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False,
+                                                 context_fn=lambda: (contextlib.nullcontext(), _bn_stats_kept(module)))
 
     def param_counts(self) -> dict[str, int]:
         """Parameters per part, for the log line printed when the model is built."""
@@ -459,11 +494,11 @@ class MTCP(nn.Module):
         r = self.backbone(x)  # (B, D, Hp/4, Wp/4)
         feats, maps = {}, {}
         for t in self.tasks:
-            feats[t], maps[t] = self.decoders[t](r)
+            feats[t], maps[t] = self._block(self.decoders[t], r)
         preds, aux = {}, {}
         for t in self.tasks:
-            c = self.cfm[t](maps[t], [maps[a] for a in self.tasks if a != t]) if self.cfm is not None else maps[t]
-            levels = [c] + (self.traceback[t](c, feats[t]) if self.traceback is not None else [])
+            c = self._block(self.cfm[t], maps[t], [maps[a] for a in self.tasks if a != t]) if self.cfm is not None else maps[t]
+            levels = [c] + (self._block(self.traceback[t], c, feats[t]) if self.traceback is not None else [])
             outs = [F.interpolate(head(z), size=(Hp, Wp), mode="bilinear", align_corners=False)[..., :H, :W]  # (B, C_t, H, W)
                     for head, z in zip(self.heads[t], levels)]
             preds[t], aux[t] = outs[-1], outs[:-1]
@@ -537,6 +572,9 @@ def multi_task_losses(preds: Mapping[str, torch.Tensor], aux: Mapping[str, Seque
     losses = {}
     for task, pred in preds.items():
         # L_t = loss(final) + aux_weight * sum_i loss(aux_i)
+        # NOTE(repro): the released code supervises the two intermediate outputs (no initial one), each at 0.5,
+        # but scores its NYUD normals intermediates with the depth loss and adds only the last human-parts
+        # intermediate on PASCAL; here every auxiliary output gets its own task's loss.
         losses[task] = task_loss(task, pred, targets[task]) + aux_weight * sum(
             task_loss(task, p, targets[task]) for p in aux.get(task, ()))
     return losses
@@ -671,6 +709,8 @@ class LossPrioritization(TaskBalancer):
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # P_t = log(1 + L_t): every task on a common logarithmic scale
+        # NOTE(repro): L_t here includes the deep-supervision terms (SPEC 3); the released code takes its LPS
+        # statistics from the final outputs' losses only.
         projected = {t: torch.log1p(loss) for t, loss in losses.items()}
         self._record(projected)
         # NOTE(repro): the released code computes its weights but never applies them (the loss is overwritten
@@ -1001,6 +1041,8 @@ def save_grid(path: Path, rows: list[list[np.ndarray]]) -> None:
 
 def resize_to(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Raw outputs (B, C, h, w) -> (B, C, H, W) at a label's size, bilinear on logits / values, in fp32."""
+    # NOTE(repro): class logits are resized before the argmax; the released code takes the argmax at the input
+    # size and resizes the class map (nearest), which loses detail along class boundaries.
     return F.interpolate(pred.float(), size=tuple(size), mode="bilinear", align_corners=False)
 
 
@@ -1100,6 +1142,7 @@ def format_metrics(results: dict) -> str:
 
 def get_lr(step: int, total_steps: int, base_lr: float, power: float = 0.9) -> float:
     """Poly decay per iteration (SPEC 5): lr = base_lr * (1 - step / total_steps) ** power."""
+    # NOTE(repro): the released code steps the poly decay once per epoch; per iteration is smoother, same end.
     return base_lr * (1 - min(step, total_steps) / total_steps) ** power
 
 
@@ -1111,8 +1154,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def build_model(args, num_outputs: dict[str, int]) -> MTCP:
-    return MTCP(num_outputs, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, dim=args.dim,
-                img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback)
+    model = MTCP(num_outputs, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, dim=args.dim,
+                 img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback)
+    model.set_grad_checkpointing(getattr(args, "grad_checkpointing", False))  # absent from older checkpoints' args
+    return model
 
 
 def build_datasets(args, *, master: bool):
@@ -1136,6 +1181,7 @@ def build_datasets(args, *, master: bool):
 def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: torch.device) -> dict:
     """Trains on args.dataset, evaluates every --eval-every epochs and after the last, and returns the last
     epoch's validation metrics (never the best epoch: that would be selected on the test split, SPEC 5)."""
+    # NOTE(repro): the released code reports the best of its periodic evaluations on the val (= test) split.
     master = rank == 0
     out_dir = Path(args.out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
@@ -1221,7 +1267,9 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
             total.backward()
             all_reduce_grads(list(balancer.parameters()))
             if args.clip_grad > 0:
-                nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)  # before the step (SPEC 5)
+                # NOTE(repro): clipped before the step (SPEC 5); the released code does not clip on NYUD (commented
+                # out) and clips after optimizer.step() on PASCAL, where it has no effect.
+                nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip_grad)
             optimizer.step()
             step += 1
             sums += torch.stack([losses[t].detach().double() for t in tasks])
@@ -1550,6 +1598,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (SPEC 5) and on CPUs with native bf16 (AVX-512 BF16 / AMX: 1.2x "
                         "faster toy, 2.9x faster NYUD step, README: performance); --no-amp for fp32 everywhere")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (backbone stages, decoders, CFMs, trace-backs): "
+                        "same gradients, less memory, slower (README: performance)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off by default)")
@@ -1599,7 +1650,8 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # Flags that describe how to run, not what is trained: a resumed run takes them from the command line.
-RUNTIME_FLAGS = ("resume", "out_dir", "workers", "device", "log_every", "eval_every", "eval_batch_size", "data_root")
+RUNTIME_FLAGS = ("resume", "out_dir", "workers", "device", "log_every", "eval_every", "eval_batch_size", "data_root",
+                 "grad_checkpointing")
 
 
 def main(argv: list[str] | None = None):

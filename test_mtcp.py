@@ -774,6 +774,31 @@ def test_every_parameter_gets_a_finite_gradient():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("backbone", ["test_resnet", "swin_tiny_patch4_window7_224"])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(backbone):
+    def step(checkpointing):
+        torch.manual_seed(0)
+        model = mtcp.MTCP(THREE, backbone=backbone, img_size=(64, 64), **TINY)  # train mode, CFM and trace-back
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        x = torch.randn(2, 3, 64, 64)
+        targets = {"semseg": torch.randint(0, 5, (2, 64, 64)), "depth": torch.rand(2, 1, 64, 64) + 1,
+                   "normals": F.normalize(torch.randn(2, 3, 64, 64), dim=1)}
+        loss = sum(mtcp.multi_task_losses(*model(x), targets).values())
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return loss, grads, {n: b for n, b in model.named_buffers() if not n.startswith("backbone.body")}
+    loss, grads, buffers = step(False)
+    loss_ckpt, grads_ckpt, buffers_ckpt = step(True)
+    torch.testing.assert_close(loss_ckpt, loss, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ckpt.keys() and all(g is not None for g in grads_ckpt.values())
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-5, msg=name)
+    # outside timm's backbone, the recomputation leaves BN running statistics as one forward left them
+    for name in buffers:
+        torch.testing.assert_close(buffers_ckpt[name], buffers[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
 def test_cfm_attention_equals_naive_softmax():
     torch.manual_seed(0)
     q, k = torch.randn(2, 50, 32) * 0.3, torch.randn(2, 50, 32) * 0.3

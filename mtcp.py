@@ -19,6 +19,7 @@ Run it:
     python mtcp.py --resume --out-dir runs/toy            # continue from runs/toy/checkpoint.pt
     python mtcp.py --predict my_photos/ --checkpoint runs/toy/checkpoint.pt    # your own images
     python mtcp.py --benchmark --dataset nyud             # speed and memory of one training step
+    python mtcp.py --summarize runs/ablation/*/           # one table of several runs: mean +- std over seeds
 
 Paper -> code:
     Fig. 2 backbone (Mask2Former Swin-S)      -> Backbone (timm features_only + FPN neck; SPEC 2.1)
@@ -34,6 +35,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -1544,6 +1546,92 @@ def benchmark(args, device: torch.device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Summaries of several runs: one Markdown table over seeds, with Delta_m (issue 14)
+
+def _defaults(dataset: str) -> dict:
+    """The config.json of a run given no flag but --dataset: what a configuration's name is relative to."""
+    return vars(fill_defaults(get_args(["--dataset", dataset])))
+
+
+def _config_name(config: dict, defaults: dict) -> str:
+    """The flags that set what is trained to other than the defaults, as typed ('--no-cfm', '--balancer uw');
+    'full' when none do. How a run is run (RUNTIME_FLAGS), its seed and its --baselines do not count."""
+    flags = []
+    for key, default in defaults.items():
+        value = config.get(key, default)  # a flag newer than the run: the run had its default
+        if key in RUNTIME_FLAGS or key in ("seed", "baselines") or value == default:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.append(" ".join([flag, *map(str, value if isinstance(value, list) else [value])]))
+    return " ".join(flags) or "full"
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"--summarize: {path.parent} has no {path.name} (not a run folder, or a run not finished)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--summarize: cannot read {path}: {e}") from e
+
+
+def _mean_std(values: list[float], decimals: int, sign: str = "") -> str:
+    """'mean ± sample std' (ddof 1); '–' for the std of one value."""
+    std = f"{statistics.stdev(values):.{decimals}f}" if len(values) > 1 else "–"
+    return f"{statistics.mean(values):{sign}.{decimals}f} ± {std}"
+
+
+def summarize(folders: list[str]) -> str:
+    """Prints one Markdown table of finished runs (their config.json and metrics.json): a row per configuration,
+    the runs that differ only in --seed together; per task its headline metric (HEADLINE) as mean ± std over
+    the seeds, the number of seeds, and Delta_m (SPEC 4) per seed, then mean ± std. The baselines are the
+    single-task runs among the folders (--tasks T, otherwise the defaults), each task's seed-mean."""
+    groups, dataset, defaults = {}, None, None  # configuration name -> seed -> (folder, metrics)
+    for folder in folders:
+        metrics, config = _read_json(Path(folder) / "metrics.json"), _read_json(Path(folder) / "config.json")
+        try:
+            run_dataset, seed, results = config["dataset"], config["seed"], metrics["metrics"]
+        except KeyError as e:
+            raise UserError(f"--summarize: {folder}: no {e} in its config.json or metrics.json") from e
+        if dataset not in (None, run_dataset):
+            raise UserError(f"--summarize: {folder} is a {run_dataset} run, the runs before it {dataset} runs: "
+                            "summarize one dataset at a time")
+        dataset, defaults = run_dataset, defaults or _defaults(run_dataset)
+        seeds = groups.setdefault(_config_name(config, defaults), {})
+        if seed in seeds:
+            raise UserError(f"--summarize: {seeds[seed][0]} and {folder} are the same configuration with the "
+                            f"same seed {seed}; give one of them")
+        seeds[seed] = (folder, results)
+    runs = {name: [results for _, results in seeds.values()] for name, seeds in groups.items()}
+    tasks = [t for t in DATASETS[dataset]["tasks"] if any(t in r for rs in runs.values() for r in rs)]
+    single = {f"--tasks {t}": t for t in tasks}  # name of each task's single-task configuration
+    baselines = {t: {HEADLINE[t][0]: statistics.mean(r[t][HEADLINE[t][0]] for r in runs[name])}
+                 for name, t in single.items() if name in runs}
+    # full first, then in the order first seen, the baselines last (sorted() keeps that order within a key)
+    names = sorted(runs, key=lambda name: 2 if name in single else int(name != "full"))
+    lines = ["| configuration | " + " | ".join(f"{t} {HEADLINE[t][0]} {'↑' if HEADLINE[t][1] > 0 else '↓'}"
+                                              for t in tasks) + " | seeds | Delta_m, % |", "|---" * (len(tasks) + 3) + "|"]
+    lacking = set()
+    for name in names:
+        # depth RMSE in metres to 4 decimals, as the papers' tables; mIoU in % and angles in degrees to 2
+        cells = [_mean_std([r[t][HEADLINE[t][0]] for r in runs[name]], 4 if t == "depth" else 2)
+                 if t in runs[name][0] else "" for t in tasks]
+        missing = [t for t in runs[name][0] if t not in baselines]
+        lacking.update(missing if name not in single else [])
+        dm = "–" if name in single or missing else _mean_std([delta_m(r, baselines) for r in runs[name]], 2, "+")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(runs[name])} | {dm} |")
+    lines.append("\nMean ± sample std over seeds; Delta_m per seed against the seed-means of the single-task rows.")
+    if lacking:
+        lines.append(f"Delta_m –: no single-task run of {', '.join(sorted(lacking))} among these folders.")
+    text = f"Read {len(folders)} runs ({dataset}): {', '.join(map(str, folders))}\n\n" + "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line
 
 class UserError(Exception):
@@ -1625,6 +1713,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--benchmark-json", metavar="PATH", help="also write the numbers as JSON")
     g.add_argument("--peak-tflops", type=float, help="device bf16 dense peak for MFU (default: from the GPU's name)")
     g.add_argument("--naive-attention", action="store_true", help=argparse.SUPPRESS)  # memory comparison only
+    g = p.add_argument_group("summaries of several runs")
+    g.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print one Markdown table of finished runs: "
+                   "per configuration mean +- std over seeds and Delta_m against the single-task runs among them")
     args = p.parse_args(argv)
     if args.predict and not args.checkpoint:
         p.error("--predict needs --checkpoint")
@@ -1656,6 +1747,8 @@ RUNTIME_FLAGS = ("resume", "out_dir", "workers", "device", "log_every", "eval_ev
 
 def main(argv: list[str] | None = None):
     args = get_args(argv)
+    if args.summarize:  # reads finished runs' files: no torch.distributed, no data
+        return summarize(args.summarize)
     # No network at run time: timm may read pretrained weights from its cache, never download them.
     import huggingface_hub.constants
     huggingface_hub.constants.HF_HUB_OFFLINE = True

@@ -1034,3 +1034,65 @@ def test_benchmark_json_has_every_field(tmp_path):
                 "eval_gflops_per_img", "achieved_tflops", "mfu", "device"):
         assert key in result, key
     assert result["train_img_per_s"] > 0 and result["train_gflops_per_img"] > result["eval_gflops_per_img"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summaries of several runs (issue 14)
+
+def write_run(folder, flags, seed, metrics):
+    """A finished toy run's config.json (as train() writes it) and metrics.json, with hand-chosen metrics."""
+    folder.mkdir(parents=True)
+    args = mtcp.fill_defaults(mtcp.get_args(["--dataset", "toy", "--seed", str(seed), "--out-dir", str(folder),
+                                             *flags]))
+    (folder / "config.json").write_text(json.dumps(vars(args)))
+    (folder / "metrics.json").write_text(json.dumps(dict(dataset="toy", tasks=list(metrics), metrics=metrics)))
+    return str(folder)
+
+
+def test_summarize_groups_seeds_and_computes_delta_m(tmp_path, capsys):
+    def run(name, flags, seed, semseg=None, depth=None, normals=None):
+        metrics = {t: {m: v, "other": 1.0} for t, m, v in (("semseg", "mIoU", semseg), ("depth", "rmse", depth),
+                                                          ("normals", "mean", normals)) if v is not None}
+        return write_run(tmp_path / f"{name}_s{seed}", flags, seed, metrics)
+
+    single = {t: ["--tasks", t] for t in ("semseg", "depth", "normals")}  # the Delta_m baselines
+    folders = [run("nocfm", ["--no-cfm"], 0, 49, 0.52, 21), run("semseg", single["semseg"], 0, semseg=49),
+               run("full", [], 0, 51, 0.49, 19.6), run("full", [], 1, 53, 0.47, 19.2),
+               run("nocfm", ["--no-cfm"], 1, 48, 0.51, 20), run("semseg", single["semseg"], 1, semseg=51),
+               run("depth", single["depth"], 0, depth=0.52), run("depth", single["depth"], 1, depth=0.48),
+               run("normals", single["normals"], 0, normals=19), run("normals", single["normals"], 1, normals=21),
+               run("uw", ["--balancer", "uw"], 0, 50, 0.49, 20)]
+    out = mtcp.main(["--summarize", *folders])
+    assert capsys.readouterr().out == out + "\n"
+    # Baselines (seed-means): semseg 50, depth 0.5, normals 20. Delta_m = (100/3) sum_t s_t (M_t - B_t) / B_t:
+    # full s0: (100/3)(1/50 + 0.01/0.5 + 0.4/20) = 2.0; s1: (100/3)(3/50 + 0.03/0.5 + 0.8/20) = 5.3333
+    #   -> mean 3.6667, std 3.3333 / sqrt(2) = 2.3570; semseg std sqrt(2) = 1.4142, depth 0.01414, normals 0.2828
+    # --no-cfm s0: (100/3)(-1/50 - 0.02/0.5 - 1/20) = -3.6667; s1: (100/3)(-2/50 - 0.01/0.5 + 0) = -2.0
+    #   -> mean -2.8333, std 1.6667 / sqrt(2) = 1.1785; metric stds 0.7071, 0.007071, 0.7071
+    # --balancer uw, one seed: (100/3)(0 + 0.01/0.5 + 0) = 0.6667, no std
+    assert out.startswith(f"Read 11 runs (toy): {folders[0]}, ")
+    assert [line for line in out.splitlines() if line.startswith("|")] == [
+        "| configuration | semseg mIoU ↑ | depth rmse ↓ | normals mean ↓ | seeds | Delta_m, % |",
+        "|---|---|---|---|---|---|",
+        "| full | 52.00 ± 1.41 | 0.4800 ± 0.0141 | 19.40 ± 0.28 | 2 | +3.67 ± 2.36 |",
+        "| --no-cfm | 48.50 ± 0.71 | 0.5150 ± 0.0071 | 20.50 ± 0.71 | 2 | -2.83 ± 1.18 |",
+        "| --balancer uw | 50.00 ± – | 0.4900 ± – | 20.00 ± – | 1 | +0.67 ± – |",
+        "| --tasks semseg | 50.00 ± 1.41 |  |  | 2 | – |",
+        "| --tasks depth |  | 0.5000 ± 0.0283 |  | 2 | – |",
+        "| --tasks normals |  |  | 20.00 ± 1.41 | 2 | – |"]
+    assert "no single-task run" not in out
+    partial = mtcp.summarize(folders[:4])  # no depth or normals baseline: no Delta_m, and the note says why
+    assert "| full | 52.00 ± 1.41 | 0.4800 ± 0.0141 | 19.40 ± 0.28 | 2 | – |" in partial
+    assert "no single-task run of depth, normals among these folders" in partial
+    write_run(tmp_path / "again", [], 1, {"semseg": {"mIoU": 1.0}})
+    with pytest.raises(mtcp.UserError, match="same configuration with the same seed 1"):
+        mtcp.summarize([*folders, str(tmp_path / "again")])
+
+
+def test_summarize_reports_a_folder_without_metrics(tmp_path, capsys):
+    folder = tmp_path / "interrupted_s0"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(vars(mtcp.fill_defaults(mtcp.get_args([])))))
+    assert mtcp.cli(["--summarize", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and "metrics.json" in err and "Traceback" not in err

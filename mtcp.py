@@ -1467,7 +1467,7 @@ def benchmark(args, device: torch.device) -> dict:
         else:
             targets[t] = torch.rand(B, 1, H, W, device=device) * 9 + 0.5
 
-    def train_step():
+    def train_step() -> float:
         with autocast(device, args.amp):
             preds, aux = step_model(images)
         total = balancer(multi_task_losses(preds, aux, targets, aux_weight=args.aux_weight))
@@ -1475,6 +1475,7 @@ def benchmark(args, device: torch.device) -> dict:
         total.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
         optimizer.step()
+        return total.item()
 
     @torch.no_grad()
     def eval_step():
@@ -1495,6 +1496,9 @@ def benchmark(args, device: torch.device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model.train()
+    start = time.perf_counter()
+    first_loss = train_step()  # same seed, same weights and data: compare eager with --compile, fp32 with bf16
+    first_step_s = time.perf_counter() - start  # includes compilation with --compile
     train_time = timed(train_step, args.benchmark_steps)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
@@ -1524,7 +1528,8 @@ def benchmark(args, device: torch.device) -> dict:
     result = dict(device=name, dataset=args.dataset, img_size=list(args.img_size), batch_size=B,
                   amp=bool(args.amp) and bf16_ready(device),
                   compile=bool(args.compile), channels_last=channels_last, naive_attention=bool(args.naive_attention),
-                  params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                  params_m=sum(p.numel() for p in model.parameters()) / 1e6, first_step_s=first_step_s,
+                  first_step_loss=first_loss,
                   train_img_per_s=B / train_time, eval_img_per_s=B / eval_time, peak_memory_gib=peak,
                   peak_memory_kind="CUDA max allocated" if device.type == "cuda" else "process peak RSS",
                   train_gflops_per_img=train_flops / 1e9, eval_gflops_per_img=eval_flops / 1e9,
@@ -1533,6 +1538,8 @@ def benchmark(args, device: torch.device) -> dict:
                   peak_bf16_tflops=peak_tflops if device.type == "cuda" else None)
     rows = [("device", name), ("input", f"{B} x 3 x {H} x {W}, amp {result['amp']}, compile {result['compile']}"),
             ("parameters", f"{result['params_m']:.2f} M"),
+            ("first step", f"{first_step_s:.1f} s" + (" (compilation included)" if args.compile else "")
+             + f", loss {first_loss:.6f}"),
             ("train", f"{result['train_img_per_s']:.2f} img/s ({train_time * 1e3:.0f} ms/step)"),
             ("eval", f"{result['eval_img_per_s']:.2f} img/s"),
             ("peak memory", f"{peak:.2f} GiB ({result['peak_memory_kind']})"),

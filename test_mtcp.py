@@ -1031,9 +1031,12 @@ def test_benchmark_json_has_every_field(tmp_path):
     run_main("--benchmark", "--benchmark-steps", 1, "--benchmark-warmup", 1, "--benchmark-json", path, *SMALL)
     result = json.loads(path.read_text())
     for key in ("train_img_per_s", "eval_img_per_s", "peak_memory_gib", "params_m", "train_gflops_per_img",
-                "eval_gflops_per_img", "achieved_tflops", "mfu", "device"):
+                "eval_gflops_per_img", "achieved_tflops", "mfu", "device", "first_step_s"):
         assert key in result, key
     assert result["train_img_per_s"] > 0 and result["train_gflops_per_img"] > result["eval_gflops_per_img"] > 0
+    # The first step's loss depends only on --seed (weights and random data): what --compile is compared by.
+    run_main("--benchmark", "--benchmark-steps", 1, "--benchmark-warmup", 0, "--benchmark-json", path, *SMALL)
+    assert json.loads(path.read_text())["first_step_loss"] == result["first_step_loss"]
 
 
 # ---------------------------------------------------------------------------------------------------------

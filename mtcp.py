@@ -958,7 +958,12 @@ def setup_distributed(device_name: str | None) -> tuple[bool, int, int, int, tor
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # torchrun's agent keeps one store for all attempts of a job (--max-restarts): a restarted worker would
+        # find the dead workers' addresses there and time out connecting to them. One key prefix per attempt.
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world)
     return ddp, rank, local_rank, world, device
 
 

@@ -13,8 +13,8 @@ The data readers and the built-in toy dataset live in data.py.
 
 Run it:
     python mtcp.py                                        # toy data (written on first use), CPU or 1 GPU
-    python mtcp.py --dataset nyud --data-root data/NYUD_MT --pretrained         # one GPU
-    torchrun --standalone --nproc_per_node=4 mtcp.py --dataset pascal --data-root data/PASCAL_MT --pretrained
+    python mtcp.py --dataset nyud                         # data/NYUD_MT, one GPU
+    torchrun --standalone --nproc_per_node=4 mtcp.py --dataset pascal               # data/PASCAL_MT, 4 GPUs
     python mtcp.py --eval-only runs/toy/checkpoint.pt     # evaluate a checkpoint
     python mtcp.py --resume --out-dir runs/toy            # continue from runs/toy/checkpoint.pt
     python mtcp.py --predict my_photos/ --checkpoint runs/toy/checkpoint.pt    # your own images

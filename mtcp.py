@@ -1192,8 +1192,9 @@ def build_datasets(args, *, master: bool):
         check = f"python data.py check --dataset {args.dataset} {args.data_root}"
         if os.path.isdir(args.data_root):  # incomplete: e names the missing file, the layout and the download
             raise UserError(f"{e}\nCheck the folder with: {check}") from None
-        raise UserError(f"no {args.dataset} dataset at {args.data_root}: download {DATASETS[args.dataset]['download']}, "
-                        f"unpack it as {args.data_root} (or pass --data-root) and check it with: {check}") from None
+        url = DATASETS[args.dataset]["download"]
+        raise UserError(f"no {args.dataset} dataset at {args.data_root}: download {url}, unpack it as "
+                        f"{args.data_root} (or pass --data-root) and check it with: {check}") from None
 
 
 def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: torch.device) -> dict:
@@ -1692,7 +1693,8 @@ def main(argv: list[str] | None = None):
     args = get_args(argv)
     # How this process was launched: torchrun's job id and the command line, so a restarted worker recognises
     # the checkpoint of its own job (resume_after_restart). Taken from the current launch when resuming.
-    args.launch = dict(run_id=os.environ.get("TORCHELASTIC_RUN_ID"), argv=[str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    args.launch = dict(run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+                       argv=[str(a) for a in (sys.argv[1:] if argv is None else argv)])
     # No network at run time: timm may read pretrained weights from its cache, never download them.
     import huggingface_hub.constants
     huggingface_hub.constants.HF_HUB_OFFLINE = True

@@ -13,8 +13,8 @@ The data readers and the built-in toy dataset live in data.py.
 
 Run it:
     python mtcp.py                                        # toy data (written on first use), CPU or 1 GPU
-    python mtcp.py --dataset nyud --data-root data/NYUD_MT --pretrained         # one GPU
-    torchrun --standalone --nproc_per_node=4 mtcp.py --dataset pascal --data-root data/PASCAL_MT --pretrained
+    python mtcp.py --dataset nyud                         # data/NYUD_MT, one GPU
+    torchrun --standalone --nproc_per_node=4 mtcp.py --dataset pascal               # data/PASCAL_MT, 4 GPUs
     python mtcp.py --eval-only runs/toy/checkpoint.pt     # evaluate a checkpoint
     python mtcp.py --resume --out-dir runs/toy            # continue from runs/toy/checkpoint.pt
     python mtcp.py --predict my_photos/ --checkpoint runs/toy/checkpoint.pt    # your own images
@@ -57,19 +57,21 @@ import data
 # ---------------------------------------------------------------------------------------------------------
 # Dataset facts and paper defaults (SPEC 1 and 5)
 
-DATASETS = {
+DATASETS = {  # data_root: default folder, relative to the working directory; download: where its archive is
     # NYUD-v2, NYUD_MT archive: 795 train / 654 val images at 480x640. Recipe of the released code (SPEC 5).
     "nyud": dict(tasks={"semseg": 40, "depth": 1, "normals": 3}, img_size=(480, 640), lps_spread=7.5,
                  backbone="swin_small_patch4_window7_224.ms_in22k_ft_in1k", dim=256,
-                 epochs=100, batch_size=2, lr=5e-5),
+                 epochs=100, batch_size=2, lr=5e-5, data_root="data/NYUD_MT",
+                 download="https://drive.google.com/file/d/14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw"),
     # PASCAL-Context, PASCAL_MT archive: 4998 train / 5105 val images, longest side <= 500.
     "pascal": dict(tasks={"semseg": 21, "human_parts": 7, "sal": 1}, img_size=(512, 512), lps_spread=1.6,
                    backbone="swin_small_patch4_window7_224.ms_in22k_ft_in1k", dim=256,
-                   epochs=100, batch_size=2, lr=5e-5),
+                   epochs=100, batch_size=2, lr=5e-5, data_root="data/PASCAL_MT",
+                   download="https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz"),
     # The built-in toy rooms (data.make_toy, NYUD layout): small enough to train on a laptop CPU in minutes.
     "toy": dict(tasks={"semseg": len(data.TOY_CLASSES), "depth": 1, "normals": 3}, img_size=(96, 128),
                 lps_spread=7.5, backbone="resnet18", dim=32, epochs=12, batch_size=16, lr=2e-3,
-                toy_data=dict(n_train=320, n_val=80, size=(120, 160))),
+                toy_data=dict(n_train=320, n_val=80, size=(120, 160)), data_root="data/toy", download=None),
 }
 
 
@@ -204,7 +206,7 @@ class Backbone(nn.Module):
         except (OSError, ValueError) as e:  # the hub's "not in the cache" errors are OSErrors
             if not pretrained:
                 raise
-            raise RuntimeError(f"could not load timm's pretrained weights for {name} ({type(e).__name__}): they are "
+            raise FileNotFoundError(f"could not load timm's pretrained weights for {name} ({type(e).__name__}): they are "
                                f"read from the local timm/Hugging Face cache, never downloaded at run time. On a "
                                f"machine with internet run: python -c \"import timm; timm.create_model('{name}', "
                                f"pretrained=True)\", or pass --weights FILE, or --no-pretrained") from e
@@ -958,7 +960,12 @@ def setup_distributed(device_name: str | None) -> tuple[bool, int, int, int, tor
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if ddp:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # torchrun's agent keeps one store for all attempts of a job (--max-restarts): a restarted worker would
+        # find the dead workers' addresses there and time out connecting to them. One key prefix per attempt.
+        store, _, _ = next(dist.rendezvous("env://"))
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world)
     return ddp, rank, local_rank, world, device
 
 
@@ -1156,28 +1163,40 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def build_model(args, num_outputs: dict[str, int]) -> MTCP:
-    model = MTCP(num_outputs, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, dim=args.dim,
-                 img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback)
+    try:
+        model = MTCP(num_outputs, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, dim=args.dim,
+                     img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback)
+    except FileNotFoundError as e:  # pretrained weights not in timm's cache (Backbone): the same on every rank
+        raise UserError(str(e)) from None
     model.set_grad_checkpointing(getattr(args, "grad_checkpointing", False))  # absent from older checkpoints' args
     return model
 
 
 def build_datasets(args, *, master: bool):
-    """The train and val datasets of args.dataset. The toy data is written under --data-root on first use."""
-    if args.data_root is None:
-        raise SystemExit(f"--data-root is required for --dataset {args.dataset} (README: reproducing the paper)")
+    """The train and val datasets of args.dataset. The toy data is written under --data-root on first use; a
+    missing or incomplete real dataset is a UserError that says where to download it and how to check it."""
     tasks, size = tuple(args.tasks), tuple(args.img_size)
-    if args.dataset == "pascal":
-        return (data.PASCALContext(args.data_root, "train", tasks=tasks, size=size),
-                data.PASCALContext(args.data_root, "val", tasks=tasks, size=size))
     num_classes = DATASETS[args.dataset]["tasks"]["semseg"]
     if args.dataset == "toy" and master and not (Path(args.data_root) / "gt_sets" / "val.txt").exists():
         print(f"writing the toy dataset to {args.data_root} ...", flush=True)
         data.make_toy(args.data_root, layout="nyud", **DATASETS["toy"]["toy_data"])
-    if dist.is_initialized():
+    if args.dataset == "toy" and dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's toy data
-    return (data.NYUD(args.data_root, "train", tasks=tasks, size=size, num_classes=num_classes),
-            data.NYUD(args.data_root, "val", tasks=tasks, size=size, num_classes=num_classes))
+    try:
+        if args.dataset == "pascal":
+            return (data.PASCALContext(args.data_root, "train", tasks=tasks, size=size),
+                    data.PASCALContext(args.data_root, "val", tasks=tasks, size=size))
+        return (data.NYUD(args.data_root, "train", tasks=tasks, size=size, num_classes=num_classes),
+                data.NYUD(args.data_root, "val", tasks=tasks, size=size, num_classes=num_classes))
+    except data.DataError as e:  # every rank gets here before any collective: each raises, rank 0 reports
+        if args.dataset == "toy":
+            raise
+        check = f"python data.py check --dataset {args.dataset} {args.data_root}"
+        if os.path.isdir(args.data_root):  # incomplete: e names the missing file, the layout and the download
+            raise UserError(f"{e}\nCheck the folder with: {check}") from None
+        url = DATASETS[args.dataset]["download"]
+        raise UserError(f"no {args.dataset} dataset at {args.data_root}: download {url}, unpack it as "
+                        f"{args.data_root} (or pass --data-root) and check it with: {check}") from None
 
 
 def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: torch.device) -> dict:
@@ -1188,11 +1207,11 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
     out_dir = Path(args.out_dir)
     checkpoint_path = out_dir / "checkpoint.pt"
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True) if args.resume else None
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(vars(args), indent=2))
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     train_set, val_set = build_datasets(args, master=master)
+    if master:  # once the data is there: a run that cannot start leaves no output folder behind
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(vars(args), indent=2))
     num_outputs, tasks = train_set.num_outputs, list(train_set.num_outputs)
     load_baselines(args.baselines, tasks)
 
@@ -1657,7 +1676,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default="toy",
                    help="toy: built-in rooms in the NYUD layout (written on first use); nyud: NYUD_MT; pascal: PASCAL_MT")
-    g.add_argument("--data-root", help="dataset folder (default: data/toy for toy, else required)")
+    g.add_argument("--data-root", help="dataset folder (default: DATASETS[dataset]['data_root']: data/toy, "
+                                                 "data/NYUD_MT, data/PASCAL_MT, relative to the working directory)")
     g.add_argument("--tasks", nargs="+", help="subset of the dataset's tasks, e.g. one task for a single-task "
                                               "baseline (default: all of DATASETS[dataset]['tasks'])")
     g.add_argument("--workers", type=int, help="data-loading processes per rank (default: 8 on CUDA, capped by the "
@@ -1732,7 +1752,7 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
 def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Flags left at None take the dataset's defaults (DATASETS)."""
     d = DATASETS[args.dataset]
-    defaults = dict(data_root="data/toy" if args.dataset == "toy" else None, tasks=list(d["tasks"]),
+    defaults = dict(data_root=d["data_root"], tasks=list(d["tasks"]),
                     pretrained=args.dataset != "toy" and not args.weights,
                     backbone=d["backbone"], dim=d["dim"], img_size=list(d["img_size"]), epochs=d["epochs"],
                     batch_size=d["batch_size"], lr=d["lr"], lps_spread=d["lps_spread"], out_dir=f"runs/{args.dataset}")
@@ -1749,16 +1769,36 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 # Flags that describe how to run, not what is trained: a resumed run takes them from the command line.
 RUNTIME_FLAGS = ("resume", "out_dir", "workers", "device", "log_every", "eval_every", "eval_batch_size", "data_root",
-                 "grad_checkpointing")
+                 "grad_checkpointing", "launch")
+
+
+def resume_after_restart(args: argparse.Namespace) -> None:
+    """Under `torchrun --max-restarts N`, a worker that dies makes torchrun restart every worker with the same
+    command. A restarted worker (TORCHELASTIC_RESTART_COUNT > 0) continues from <out-dir>/checkpoint.pt, as
+    --resume does, when that checkpoint was written by the same job (torchrun run id) and command line."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
+    if not restart or args.resume or args.eval_only or args.predict or args.benchmark or not path.is_file():
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads args, not weights
+    if saved["args"].get("launch") == args.launch:
+        args.resume = True
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"restart {restart}: resuming from epoch {saved['epoch']} of {path}", flush=True)
 
 
 def main(argv: list[str] | None = None):
     args = get_args(argv)
     if args.summarize:  # reads finished runs' files: no torch.distributed, no data
         return summarize(args.summarize)
+    # How this process was launched: torchrun's job id and the command line, so a restarted worker recognises
+    # the checkpoint of its own job (resume_after_restart). Taken from the current launch when resuming.
+    args.launch = dict(run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+                       argv=[str(a) for a in (sys.argv[1:] if argv is None else argv)])
     # No network at run time: timm may read pretrained weights from its cache, never download them.
     import huggingface_hub.constants
     huggingface_hub.constants.HF_HUB_OFFLINE = True
+    resume_after_restart(args)
     if args.resume:
         path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
         if not path.is_file():
@@ -1770,29 +1810,25 @@ def main(argv: list[str] | None = None):
     master = rank == 0
     if args.workers is None:  # on CPU, worker processes compete with torch's threads for the same cores
         args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if device.type == "cuda" else 0
-    try:
-        if args.predict:
-            return predict(args, device)
-        if args.eval_only:
-            model, checkpoint = load_checkpoint_model(args.eval_only, device)
-            saved = checkpoint["args"]  # the data it was trained on; --data-root may point elsewhere
-            out_dir = Path(args.out_dir or Path(args.eval_only).parent / "eval")
-            args.dataset, args.tasks, args.img_size = saved["dataset"], saved["tasks"], saved["img_size"]
-            args.data_root = args.data_root or saved["data_root"]
-            _, val_set = build_datasets(fill_defaults(args), master=master)
-            results = evaluate(model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
-                               amp=args.amp, rank=rank, world=world)
-            if master:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                write_metrics(out_dir / "metrics.json", args, results, epoch=checkpoint["epoch"])
-            return results
-        args = fill_defaults(args)
-        if args.benchmark:
-            return benchmark(args, device)
-        return train(args, ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device)
-    finally:
-        if ddp:
-            dist.destroy_process_group()
+    if args.predict:
+        return predict(args, device)
+    if args.eval_only:
+        model, checkpoint = load_checkpoint_model(args.eval_only, device)
+        saved = checkpoint["args"]  # the data it was trained on; --data-root may point elsewhere
+        out_dir = Path(args.out_dir or Path(args.eval_only).parent / "eval")
+        args.dataset, args.tasks, args.img_size = saved["dataset"], saved["tasks"], saved["img_size"]
+        args.data_root = args.data_root or saved["data_root"]
+        _, val_set = build_datasets(fill_defaults(args), master=master)
+        results = evaluate(model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
+                           amp=args.amp, rank=rank, world=world)
+        if master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_metrics(out_dir / "metrics.json", args, results, epoch=checkpoint["epoch"])
+        return results
+    args = fill_defaults(args)
+    if args.benchmark:
+        return benchmark(args, device)
+    return train(args, ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device)
 
 
 @record  # under torchrun, an unexpected error's traceback reaches torchrun's failure summary
@@ -1801,9 +1837,14 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         main(argv)
     except (UserError, data.DataError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"mtcp: error: {e}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", 0))
+        if rank > 0:  # rank 0 nearly always has the same error, and torchrun stops this rank once rank 0 exits
+            time.sleep(10)
+        print(f"mtcp: error: {e}" + (f" (rank {rank})" if rank else ""), file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
+    finally:  # only now: a rank that left the group early would break the collectives of the others
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -7,8 +7,11 @@ import io
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -967,12 +970,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_root, tmp_path,
 
 
 def test_missing_dataset_root_is_a_clear_error(tmp_path):
-    with pytest.raises(data.DataError, match="NYUD_MT layout"):
+    with pytest.raises(mtcp.UserError, match="no nyud dataset at .*nowhere: download .* python data.py check"):
         run_main("--dataset", "nyud", "--data-root", tmp_path / "nowhere", "--no-pretrained", *SMALL)
+    with pytest.raises(mtcp.UserError, match="split file not found(.|\n)*python data.py check --dataset nyud"):
+        run_main("--dataset", "nyud", "--data-root", tmp_path, "--no-pretrained", *SMALL)  # incomplete
 
 
 def test_pretrained_weights_missing_from_the_cache_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="never downloaded at run time"):  # main() forbids downloads
+    with pytest.raises(mtcp.UserError, match="never downloaded at run time"):  # main() forbids downloads
         run_main("--benchmark", "--dataset", "nyud", "--backbone", "test_resnet.r160_in1k", "--pretrained",
                  "--dim", 16, "--img-size", 32, 32, "--batch-size", 1)
 
@@ -1099,3 +1104,110 @@ def test_summarize_reports_a_folder_without_metrics(tmp_path, capsys):
     assert mtcp.cli(["--summarize", str(folder)]) == 2
     err = capsys.readouterr().err
     assert str(folder) in err and "metrics.json" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --- torchrun launch (issue 11) ---
+# The design card's command as a new user types it: default data roots, one error message for N ranks,
+# several "nodes" on one machine through a c10d rendezvous, and a worker restart that resumes the run.
+
+MTCP_PY = os.path.abspath(mtcp.__file__)
+LAUNCH = [*SMALL[:7], "--batch-size", "2", "--workers", "0", "--log-every", "1"]  # small model, 2 images per rank
+
+
+def torchrun(*args, cwd, timeout=300):
+    """`torchrun ARGS mtcp.py`-style command (ARGS must include the script) run to completion."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *map(str, args)], cwd=cwd,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("dataset, folder", [("pascal", "data/PASCAL_MT"), ("nyud", "data/NYUD_MT")])
+def test_torchrun_without_data_reports_once(tmp_path, dataset, folder):
+    start = time.monotonic()
+    run = torchrun("--nproc_per_node=2", MTCP_PY, "--dataset", dataset, cwd=tmp_path, timeout=60)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and time.monotonic() - start < 60
+    assert output.count("mtcp: error:") == 1, output
+    message = output[output.index("mtcp: error:"):]
+    assert folder in message and mtcp.DATASETS[dataset]["download"] in message, message
+    assert f"python data.py check --dataset {dataset} {folder}" in message, message
+    # torchrun itself ends every failed job with its ChildFailedError summary; no traceback comes from mtcp.
+    assert 'mtcp.py", line' not in output and "UserError" not in output, output
+    assert not (tmp_path / "runs").exists()  # a run that could not start leaves no output folder
+
+
+def test_torchrun_trains_pascal_from_the_default_root(tmp_path):
+    data.make_toy(tmp_path / "data" / "PASCAL_MT", "pascal", n_train=8, n_val=4, size=(48, 64))
+    run = torchrun("--nproc_per_node=2", MTCP_PY, "--dataset", "pascal", "--no-pretrained", "--epochs", 1, *LAUNCH,
+                   cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert set(json.loads((tmp_path / "runs" / "pascal" / "metrics.json").read_text())["metrics"]) == {
+        "semseg", "human_parts", "sal"}
+
+
+def test_torchrun_two_nodes_equal_one_process_eval(toy_root, tmp_path):
+    node = ["--nnodes", 2, "--nproc_per_node", 1, "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{free_port()}", "--rdzv-id", "two-nodes", MTCP_PY, "--data-root", toy_root,
+            "--out-dir", tmp_path / "run", "--epochs", 1, "--eval-batch-size", 1, *LAUNCH]
+    command = [sys.executable, "-m", "torch.distributed.run", *map(str, node)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "global batch 4 (2 x 2)" in "".join(outputs) and list((tmp_path / "run").glob("**/metrics.json")) == [
+        tmp_path / "run" / "metrics.json"]
+    distributed = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    single = run_main("--eval-only", tmp_path / "run" / "checkpoint.pt", "--eval-batch-size", 1, "--workers", 0,
+                      "--out-dir", tmp_path / "single")
+    assert_same_results(single, distributed)
+
+
+def worker_pids(agent_pid):
+    """The mtcp.py processes started by a torchrun agent, by rank (psutil-free: /proc children)."""
+    children = []
+    for task in os.listdir(f"/proc/{agent_pid}/task"):
+        with open(f"/proc/{agent_pid}/task/{task}/children") as f:
+            children += [int(pid) for pid in f.read().split()]
+    ranks = {}
+    for pid in children:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if b"RANK" in env:
+            ranks[int(env[b"RANK"])] = pid
+    return ranks
+
+
+def test_torchrun_worker_restart_resumes_exactly(tmp_path):
+    root = data.make_toy(tmp_path / "toy", "nyud", n_train=32, n_val=4, size=(48, 64))
+    run = ["--nproc_per_node", 2, "--max-restarts", 1, MTCP_PY, "--data-root", root, "--epochs", 3,
+           "--eval-every", 3, *LAUNCH]
+    straight = torchrun(*run, "--out-dir", tmp_path / "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    command = [sys.executable, "-m", "torch.distributed.run", *map(str, run), "--out-dir", str(tmp_path / "killed")]
+    agent = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and agent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.poll() is None and checkpoint.exists(), "the run ended before the first checkpoint or the kill"
+    victim = worker_pids(agent.pid)[1]  # rank 1, in epoch 2 while rank 0 carries on until its collective fails
+    os.kill(victim, signal.SIGKILL)
+    output = agent.communicate(timeout=300)[0]
+    assert agent.returncode == 0, output[-3000:]
+    assert "restart 1: resuming from epoch" in output, output[-3000:]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(checkpoint, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key

@@ -1819,7 +1819,7 @@ def main(argv: list[str] | None = None):
             raise UserError(f"--resume continues {path} with the flags it was started with; "
                             + ", ".join(f"{flag(k)} {getattr(args, k)} (it has {saved.get(k)})" for k in changed)
                             + ". Drop them, or start a new run with another --out-dir")
-        runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
+        runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if k in given}  # the rest as saved
         args = argparse.Namespace(**{**saved, **runtime, "resume": True, "out_dir": str(path.parent)})
     if args.eval_only and given - set(EVAL_FLAGS):
         raise UserError(f"--eval-only takes the dataset, tasks and model from {args.eval_only}; it does not use "

@@ -54,6 +54,9 @@ def _read(path, mode=None):
         if path.endswith(".npy"):
             return np.load(path)
         with Image.open(path) as im:
+            if im.mode.startswith("I") and mode in ("L", "RGB"):  # 16-bit grey ("I;16", "I"): scaled, not clipped
+                grey = np.clip(np.array(im, np.float64) * (255 / 65535), 0, 255).round().astype(np.uint8)
+                return np.repeat(grey[..., None], 3, -1) if mode == "RGB" else grey
             return np.array(im if mode is None or im.mode == mode else im.convert(mode))
     except Exception as e:
         raise DataError(f"cannot read {path}: {e}") from e
@@ -278,6 +281,21 @@ class PASCALContext(_MultiTask):
 
     def draw(self, rng):
         return dict(flip=rng.random() < 0.5, angle=rng.uniform(-20, 20), scale=rng.uniform(0.75, 1.25))
+
+
+def verify(ds, workers=8):
+    """Decode every sample of dataset `ds` once (threads: PIL, np.load and zlib release the GIL); a DataError
+    naming the unreadable files, so a damaged file stops a program before its work rather than midway."""
+    def problem(i):
+        try:
+            ds.load(i)
+        except DataError as e:
+            return str(e)
+    with ThreadPoolExecutor(workers) as pool:
+        problems = [p for p in pool.map(problem, range(len(ds))) if p]
+    if problems:
+        raise DataError(f"{len(problems)} of {len(ds)} {ds.split} samples in {ds.root} cannot be read, the first "
+                        f"{min(len(problems), 5)}:\n  " + "\n  ".join(problems[:5]))
 
 
 def collate(batch):

@@ -32,12 +32,14 @@ Paper -> code:
 import argparse
 import contextlib
 import datetime
+import difflib
 import json
 import math
 import os
 import statistics
 import sys
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -1155,14 +1157,79 @@ def get_lr(step: int, total_steps: int, base_lr: float, power: float = 0.9) -> f
     return base_lr * (1 - min(step, total_steps) / total_steps) ** power
 
 
+def non_finite(obj, name: str = "") -> list[str]:
+    """Names of the inf / NaN floats and floating-point tensors in a nested dict / list (a checkpoint's state)."""
+    if isinstance(obj, torch.Tensor):
+        return [name] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [name]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [n for k, v in items for n in non_finite(v, f"{name}.{k}" if name else str(k))]
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Writes to a temporary file and renames it, so a crash never leaves a broken checkpoint."""
+    """Writes to a temporary file and renames it, so a crash or a full disk never leaves a broken checkpoint.
+    A state with an inf / NaN (weights, BN statistics, Adam moments) is never written: the previous one stays."""
+    bad = non_finite({k: state[k] for k in ("model", "optimizer", "balancer")})
+    if bad:
+        raise FloatingPointError(
+            f"non-finite values after epoch {state['epoch']}/{state['args']['epochs']} in {len(bad)} tensors "
+            f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); stopping without saving them. The last good "
+            f"checkpoint is {path}" + ("" if path.exists() else " (none yet)"))
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk: torch's "unexpected pos" RuntimeError or ENOSPC
+        tmp.unlink(missing_ok=True)  # a partial file would keep the disk full
+        raise UserError(f"cannot write the checkpoint {path} ({str(e).splitlines()[0]}); the previous checkpoint "
+                        f"is kept. Free some space, then continue with --resume") from e
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "balancer", "epoch", "step", "args", "num_outputs", "normalization")
+
+
+def read_checkpoint(path, flag: str) -> dict:
+    """The checkpoint dict at `path`; a UserError naming the file and `flag` if it is missing, not a
+    checkpoint, cut short, or lacks a key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag}: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a text file, a truncated zip, a pickle of something else
+        why = (f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}" if zipfile.is_zipfile(path)
+               else "not a complete file written by torch.save")
+        raise UserError(f"{flag}: {path} is not a readable checkpoint ({why})") from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    if missing:
+        raise UserError(f"{flag}: {path} is not an mtcp checkpoint (no {', '.join(missing)})")
+    return checkpoint
+
+
+def write_file(path: Path, text: str, mode: str = "w") -> None:
+    """Writes (or with mode 'a' appends) text; a full disk is a UserError naming the file."""
+    try:
+        with open(path, mode) as f:
+            f.write(text)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl; a line cut short by a kill is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
 
 
 def build_model(args, num_outputs: dict[str, int]) -> MTCP:
+    if not timm.is_model(args.backbone):
+        close = difflib.get_close_matches(args.backbone.split(".")[0], timm.list_models(), n=5)
+        raise UserError(f"--backbone {args.backbone} is not a timm model" + (f"; close names: {', '.join(close)}"
+                        if close else "") + " (all: python -c \"import timm; print(timm.list_models('*resnet*'))\")")
     try:
         model = MTCP(num_outputs, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, dim=args.dim,
                      img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback)
@@ -1172,22 +1239,28 @@ def build_model(args, num_outputs: dict[str, int]) -> MTCP:
     return model
 
 
-def build_datasets(args, *, master: bool):
-    """The train and val datasets of args.dataset. The toy data is written under --data-root on first use; a
-    missing or incomplete real dataset is a UserError that says where to download it and how to check it."""
+def build_datasets(args, *, master: bool, training: bool = True):
+    """The train and val datasets of args.dataset; every val file is decoded once here, so a damaged one stops
+    the program before training. Only a toy training run into the default data/toy writes the toy data (on first
+    use); everything else only reads. A missing or incomplete real dataset is a UserError that says where to
+    download it and how to check it."""
     tasks, size = tuple(args.tasks), tuple(args.img_size)
     num_classes = DATASETS[args.dataset]["tasks"]["semseg"]
-    if args.dataset == "toy" and master and not (Path(args.data_root) / "gt_sets" / "val.txt").exists():
+    if (args.dataset == "toy" and training and master and Path(args.data_root) == Path(DATASETS["toy"]["data_root"])
+            and not (Path(args.data_root) / "gt_sets" / "val.txt").exists()):
         print(f"writing the toy dataset to {args.data_root} ...", flush=True)
         data.make_toy(args.data_root, layout="nyud", **DATASETS["toy"]["toy_data"])
     if args.dataset == "toy" and dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's toy data
     try:
         if args.dataset == "pascal":
-            return (data.PASCALContext(args.data_root, "train", tasks=tasks, size=size),
+            sets = (data.PASCALContext(args.data_root, "train", tasks=tasks, size=size),
                     data.PASCALContext(args.data_root, "val", tasks=tasks, size=size))
-        return (data.NYUD(args.data_root, "train", tasks=tasks, size=size, num_classes=num_classes),
-                data.NYUD(args.data_root, "val", tasks=tasks, size=size, num_classes=num_classes))
+        else:
+            sets = (data.NYUD(args.data_root, "train", tasks=tasks, size=size, num_classes=num_classes),
+                    data.NYUD(args.data_root, "val", tasks=tasks, size=size, num_classes=num_classes))
+        data.verify(sets[1])
+        return sets
     except data.DataError as e:  # every rank gets here before any collective: each raises, rank 0 reports
         if args.dataset == "toy":
             raise
@@ -1205,18 +1278,29 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
     # NOTE(repro): the released code reports the best of its periodic evaluations on the val (= test) split.
     master = rank == 0
     out_dir = Path(args.out_dir)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True) if args.resume else None
+    checkpoint_path, log_path = out_dir / "checkpoint.pt", out_dir / "log.jsonl"
+    checkpoint, records = None, []
+    if args.resume:  # log.jsonl keeps one record per epoch up to the checkpoint's; read by every rank
+        checkpoint = read_checkpoint(checkpoint_path, "--resume")
+        records = [r for r in read_log(log_path) if r["epoch"] <= checkpoint["epoch"]]
+    elif checkpoint_path.exists() and not args.overwrite:
+        raise UserError(f"{out_dir} holds the checkpoint of another run: pass --resume to continue it, another "
+                        f"--out-dir, or --overwrite to replace it")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     train_set, val_set = build_datasets(args, master=master)
     if master:  # once the data is there: a run that cannot start leaves no output folder behind
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(vars(args), indent=2))
+        checkpoint_path.with_suffix(".tmp").unlink(missing_ok=True)  # left by a kill during a save
+        for name in ("metrics.json", "log.jsonl", "checkpoint.pt") if not args.resume else ():  # --overwrite
+            (out_dir / name).unlink(missing_ok=True)
+        write_file(out_dir / "config.json", json.dumps(vars(args), indent=2))
     num_outputs, tasks = train_set.num_outputs, list(train_set.num_outputs)
     load_baselines(args.baselines, tasks)
 
     model = raw_model = build_model(args, num_outputs).to(device)
     constants = constant_predictions(train_set) if "depth" in tasks or args.dataset == "toy" else None
+    if constants is None:  # constant_predictions reads every training file too: a damaged one stops us here
+        data.verify(train_set)
     if "depth" in tasks and checkpoint is None:
         # NOTE(repro): the depth heads start at the mean training depth, not 0 m. Adam moves a bias by about
         # lr per step, so from 0 m the depth scale takes thousands of steps to learn (toy: RMSE 2.6 m vs 0.8 m
@@ -1262,7 +1346,25 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
         return evaluate(raw_model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
                         amp=args.amp, rank=rank, world=world)
 
+    def finish(record: dict) -> None:
+        """After an epoch's checkpoint: validation when due, then the epoch's log.jsonl record."""
+        nonlocal results
+        if record["epoch"] % args.eval_every == 0 or record["epoch"] == args.epochs:
+            record["metrics"] = results = validate()
+            if master:
+                print(f"epoch {record['epoch']} validation ({len(val_set)} images):\n{format_metrics(results)}",
+                      flush=True)
+        if master:
+            write_file(log_path, json.dumps(record) + "\n", "a")
+
     results, run_start, run_start_step = None, time.perf_counter(), step
+    if checkpoint is not None:  # log.jsonl: the records up to the checkpoint, then its epoch's if a kill lost it
+        if ddp:
+            dist.barrier()  # every rank has read log.jsonl before rank 0 rewrites it
+        if master:
+            write_file(log_path, "".join(json.dumps(r) + "\n" for r in records))
+        if "log" in checkpoint and start_epoch not in [r["epoch"] for r in records]:
+            finish(checkpoint["log"])
     for epoch in range(start_epoch, args.epochs):
         model.train()
         sampler.set_epoch(epoch)
@@ -1298,8 +1400,9 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
                 mean = (sums / (i + 1)).tolist()  # one sync per log line, not per step
                 if not all(math.isfinite(v) for v in mean):
                     raise FloatingPointError(
-                        f"non-finite loss at epoch {epoch} step {i + 1}: {dict(zip(tasks, mean))}; stopping. The last "
-                        f"good checkpoint is {checkpoint_path}" + ("" if checkpoint_path.exists() else " (none yet)"))
+                        f"non-finite loss at epoch {epoch + 1}/{args.epochs} step {i + 1}: {dict(zip(tasks, mean))}; "
+                        f"stopping. The last good checkpoint is {checkpoint_path}"
+                        + ("" if checkpoint_path.exists() else " (none yet)"))
                 if master:
                     elapsed = time.perf_counter() - run_start
                     per_step = elapsed / (step - run_start_step)
@@ -1316,18 +1419,13 @@ def train(args, *, ddp: bool, rank: int, local_rank: int, world: int, device: to
         record = dict(epoch=epoch + 1, step=step, lr=lr, losses=dict(zip(tasks, (sums / (len(loader) * world)).tolist())),
                       weights=weights, next_weights=dict(balancer.weights),
                       img_per_s=len(loader) * args.batch_size * world / epoch_time, epoch_time_s=epoch_time)
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            record["metrics"] = results = validate()
-        if master:
-            if "metrics" in record:
-                print(f"epoch {epoch + 1} validation ({len(val_set)} images):\n{format_metrics(results)}", flush=True)
-            with open(out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if master:  # saved before validating: a failing validation keeps this epoch (a resume redoes finish)
             save_checkpoint(checkpoint_path, dict(
                 model=raw_model.state_dict(), optimizer=optimizer.state_dict(), balancer=balancer.state_dict(),
-                epoch=epoch + 1, step=step, args=vars(args), num_outputs=num_outputs,
+                epoch=epoch + 1, step=step, args=vars(args), num_outputs=num_outputs, log=record,
                 normalization=dict(mean=list(data.IMAGENET_MEAN), std=list(data.IMAGENET_STD)),
                 versions=dict(torch=str(torch.__version__), timm=timm.__version__)))
+        finish(record)
     if results is None:  # resumed after the last epoch: just evaluate
         results = validate()
     reference = constant_predictor_metrics(constants, val_set, rank=rank, world=world) if args.dataset == "toy" else None
@@ -1345,10 +1443,10 @@ def load_baselines(files: list[str] | None, tasks: list[str]) -> dict:
         try:
             baselines.update(json.loads(Path(file).read_text())["metrics"])
         except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"--baselines: cannot read metrics from {file}: {e!r}") from e
+            raise UserError(f"--baselines: cannot read metrics from {file}: {e!r}") from e
     missing = [t for t in tasks if t not in baselines]
     if files and missing:
-        raise SystemExit(f"--baselines: no single-task metrics for {missing} in {files}; Delta_m needs one per task")
+        raise UserError(f"--baselines: no single-task metrics for {missing} in {files}; Delta_m needs one per task")
     return baselines
 
 
@@ -1357,9 +1455,9 @@ def write_metrics(path: Path, args, results: dict, *, epoch: int, reference: dic
     predictors' metrics when given. A single-task run's file is itself a baseline file for --baselines."""
     baselines = load_baselines(args.baselines, list(results))
     dm = delta_m(results, baselines) if baselines else None
-    path.write_text(json.dumps(dict(dataset=args.dataset, split="val", epoch=epoch, tasks=list(results),
-                                    metrics=results, delta_m=dm, baselines=args.baselines,
-                                    constant_predictors=reference), indent=2))
+    write_file(path, json.dumps(dict(dataset=args.dataset, split="val", epoch=epoch, tasks=list(results),
+                                     metrics=results, delta_m=dm, baselines=args.baselines,
+                                     constant_predictors=reference), indent=2))
     print(f"final metrics (epoch {epoch}, val):\n{format_metrics(results)}", flush=True)
     if dm is not None:
         print(f"  Delta_m {dm:+.2f} % against {', '.join(args.baselines)}")
@@ -1370,15 +1468,17 @@ def write_metrics(path: Path, args, results: dict, *, epoch: int, reference: dic
             print(f"  {t:<12} {key} {values[key]:.4g}  (model / constant = {results[t][key] / values[key]:.2f})")
 
 
-def load_checkpoint_model(path: str, device: torch.device) -> tuple[MTCP, dict]:
+def load_checkpoint_model(path: str, device: torch.device, flag: str) -> tuple[MTCP, dict]:
     """Rebuilds the model a checkpoint was trained with (its args) and loads its weights strictly."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path, flag)
     saved = argparse.Namespace(**checkpoint["args"])
     saved.pretrained, saved.weights = False, None  # the checkpoint holds every weight
     model = build_model(saved, checkpoint["num_outputs"])
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise UserError(f"{flag}: the weights in {path} do not fit the model of its own args "
+                        f"({str(e).splitlines()[0]})") from e
     return model.to(device).eval(), checkpoint
 
 
@@ -1392,14 +1492,28 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 def predict(args, device: torch.device) -> None:
     """Predicts every task for image files or folders of them. Writes per image and task a PNG picture and
     the raw values (.npy: class ids int64, depth metres, unit normals, saliency probability), at the image's
-    own size. An unreadable image is reported by name at the end; the others are still written."""
-    model, checkpoint = load_checkpoint_model(args.checkpoint, device)
-    mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
+    own size, named after the image's stem, with _1, _2, ... for a stem met before (a/x.png, b/x.png). An
+    unreadable image is reported by name at the end; the others are still written."""
     paths = []
     for p in map(Path, args.predict):
         if not p.exists():
-            raise FileNotFoundError(f"--predict: {p} does not exist")
+            raise UserError(f"--predict: {p} does not exist")
         paths += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    if not paths:
+        raise UserError(f"--predict: no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(args.predict)}")
+    stems, taken = {}, set()  # input path -> distinct output stem
+    for path in dict.fromkeys(paths):
+        stem, k = path.stem, 0
+        while stem in taken:
+            k += 1
+            stem = f"{path.stem}_{k}"
+        stems[path] = stem
+        taken.add(stem)
+        if k:
+            print(f"{path} -> {stem}_*: its name is taken by another input", flush=True)
+    paths = list(stems)
+    model, checkpoint = load_checkpoint_model(args.checkpoint, device, "--checkpoint")
+    mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
     out_dir = Path(args.out_dir or "predictions")
     out_dir.mkdir(parents=True, exist_ok=True)
     failed, sizes = [], {}
@@ -1430,13 +1544,13 @@ def predict(args, device: torch.device) -> None:
             pred = resize_to(pred, size)  # (B, C, h, w) at the image's own size
             for path, p in zip(names, pred):
                 value = to_numpy(t, p)
-                np.save(out_dir / f"{path.stem}_{t}.npy", value)
-                Image.fromarray(colorize(t, value)).save(out_dir / f"{path.stem}_{t}.png")
+                np.save(out_dir / f"{stems[path]}_{t}.npy", value)
+                Image.fromarray(colorize(t, value)).save(out_dir / f"{stems[path]}_{t}.png")
         done += len(names)
         rate = done / (time.perf_counter() - start)
         print(f"predicted {done}/{len(paths)} images ({rate:.1f} img/s) -> {out_dir}", flush=True)
     if failed:
-        raise SystemExit("could not read " + str(len(failed)) + " image(s):\n  " + "\n  ".join(failed))
+        raise UserError("could not read " + str(len(failed)) + " image(s):\n  " + "\n  ".join(failed))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1576,7 +1690,7 @@ def benchmark(args, device: torch.device) -> dict:
 
 def _defaults(dataset: str) -> dict:
     """The config.json of a run given no flag but --dataset: what a configuration's name is relative to."""
-    return vars(fill_defaults(get_args(["--dataset", dataset])))
+    return vars(fill_defaults(get_args(["--dataset", dataset])[0]))
 
 
 def _config_name(config: dict, defaults: dict) -> str:
@@ -1668,9 +1782,30 @@ class UserError(Exception):
 
 USER_ERROR_EXIT = 2  # argparse's exit code for a bad command line; used for every UserError
 
-def get_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Flags left at None take their value from DATASETS[--dataset] (SPEC 5) or, when resuming, from the
-    checkpoint."""
+
+class Interrupted(UserError):
+    """Ctrl-C, reported in one line that says how to continue, with the shell's exit code for SIGINT."""
+    exit_code = 130
+
+
+def _number(kind: type, zero_ok: bool):
+    """An argparse type: a finite number > 0 (>= 0 when zero_ok); argparse's error then names the flag."""
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0 or value == 0 and not zero_ok:
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero_ok else '> 0'}, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # a ValueError reads "invalid int value: 'x'"
+    return parse
+
+
+positive_int, positive_float = _number(int, False), _number(float, False)
+non_negative_int, non_negative_float = _number(int, True), _number(float, True)
+
+
+def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """The flags, and the names (dests) of those given on the command line. Flags left at None take their
+    value from DATASETS[--dataset] (SPEC 5) or, when resuming, from the checkpoint."""
     p = argparse.ArgumentParser(description="MT-CP: multi-task dense prediction (WACV 2025), train / evaluate / "
                                             "predict / benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
@@ -1680,9 +1815,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                  "data/NYUD_MT, data/PASCAL_MT, relative to the working directory)")
     g.add_argument("--tasks", nargs="+", help="subset of the dataset's tasks, e.g. one task for a single-task "
                                               "baseline (default: all of DATASETS[dataset]['tasks'])")
-    g.add_argument("--workers", type=int, help="data-loading processes per rank (default: 8 on CUDA, capped by the "
-                                               "cores per rank; 0 on CPU, where workers slow training: 9.6 vs 12.6 "
-                                               "img/s on 2 cores, toy)")
+    g.add_argument("--workers", type=non_negative_int,
+                   help="data-loading processes per rank (default: 8 on CUDA, capped by the cores per rank; 0 on CPU, "
+                        "where workers slow training: 9.6 vs 12.6 img/s on 2 cores, toy)")
     g = p.add_argument_group("model (SPEC 2)")
     g.add_argument("--backbone", help="timm model name (default: Swin-S in22k-ft-1k for nyud/pascal, SPEC 2.1; "
                                       "resnet18 for toy)")
@@ -1690,26 +1825,29 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="timm's pretrained backbone weights, from its local cache, never downloaded at run time "
                         "(default: on for nyud/pascal as in the paper, off for toy)")
     g.add_argument("--weights", help="local timm state dict for the backbone, loaded strictly")
-    g.add_argument("--dim", type=int, help="D, width of neck, decoders and heads (default: 256 per SPEC 2; toy 32)")
-    g.add_argument("--img-size", type=int, nargs=2, metavar=("H", "W"),
+    g.add_argument("--dim", type=positive_int,
+                   help="D, width of neck, decoders and heads (default: 256 per SPEC 2; toy 32)")
+    g.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="training / inference size (default: 480 640 nyud, 512 512 pascal per SPEC 1.3; toy 96 128)")
     g.add_argument("--no-cfm", action="store_true", help="ablation: no Coherence Fusion Module")
     g.add_argument("--no-traceback", action="store_true", help="ablation: no trace-back, the CFM head is final")
     g = p.add_argument_group("optimisation (SPEC 3, 5)")
-    g.add_argument("--epochs", type=int, help="default: 100 per SPEC 5 (released code); toy 12")
-    g.add_argument("--batch-size", type=int, help="per process (default: 2 per SPEC 5; toy 16)")
-    g.add_argument("--eval-batch-size", type=int, help="per process (default: --batch-size)")
-    g.add_argument("--lr", type=float, help="AdamW learning rate, poly decay 0.9 (default: 5e-5 per SPEC 5; toy 2e-3)")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (SPEC 5)")
-    g.add_argument("--clip-grad", type=float, default=10.0, help="max gradient norm, 0 = off (SPEC 5 clips; the "
-                                                                 "value is this project's choice)")
+    g.add_argument("--epochs", type=positive_int, help="default: 100 per SPEC 5 (released code); toy 12")
+    g.add_argument("--batch-size", type=positive_int, help="per process (default: 2 per SPEC 5; toy 16)")
+    g.add_argument("--eval-batch-size", type=positive_int, help="per process (default: --batch-size)")
+    g.add_argument("--lr", type=positive_float,
+                   help="AdamW learning rate, poly decay 0.9 (default: 5e-5 per SPEC 5; toy 2e-3)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="AdamW weight decay (SPEC 5)")
+    g.add_argument("--clip-grad", type=non_negative_float, default=10.0,
+                   help="max gradient norm, 0 = off (SPEC 5 clips; the value is this project's choice)")
     g.add_argument("--balancer", choices=["lps", "equal", "uw", "dwa"], default="lps",
                    help="lps: Loss Prioritization Scheme (SPEC 3); equal: what the released code optimised; uw: "
                         "Kendall et al.; dwa: Liu et al.")
-    g.add_argument("--lps-spread", type=float, help="LPS spread k (default: 7.5 nyud/toy, 1.6 pascal, SPEC 3)")
-    g.add_argument("--lps-floor", type=float, default=0.1, help="LPS weight floor (SPEC 3)")
-    g.add_argument("--aux-weight", type=float, default=0.5, help="weight of each auxiliary output's loss (initial "
-                                                                 "and intermediate; SPEC 3, as the released code)")
+    g.add_argument("--lps-spread", type=positive_float,
+                   help="LPS spread k (default: 7.5 nyud/toy, 1.6 pascal, SPEC 3)")
+    g.add_argument("--lps-floor", type=non_negative_float, default=0.1, help="LPS weight floor (SPEC 3)")
+    g.add_argument("--aux-weight", type=non_negative_float, default=0.5,
+                   help="weight of each auxiliary output's loss (initial and intermediate; SPEC 3, as released)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (SPEC 5) and on CPUs with native bf16 (AVX-512 BF16 / AMX: 1.2x "
                         "faster toy, 2.9x faster NYUD step, README: performance); --no-amp for fp32 everywhere")
@@ -1723,11 +1861,14 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", help="where config.json, log.jsonl, metrics.json, checkpoint.pt and vis/ go "
                                      "(default: runs/<dataset>; predictions/ for --predict)")
-    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt with its config")
+    g.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt with its config "
+                                                         "(a training flag given must equal the checkpoint's)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir (a new run into a folder "
+                                                            "holding a checkpoint refuses without it)")
     g.add_argument("--eval-only", metavar="CKPT", help="evaluate a checkpoint on the val split and exit")
-    g.add_argument("--eval-every", type=int, default=10, help="epochs between evaluations; the last is always "
-                                                              "evaluated (SPEC 5)")
-    g.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
+    g.add_argument("--eval-every", type=positive_int, default=10,
+                   help="epochs between evaluations; the last is always evaluated (SPEC 5)")
+    g.add_argument("--log-every", type=positive_int, default=20, help="steps between progress lines")
     g.add_argument("--baselines", nargs="+", metavar="JSON", help="single-task metrics.json files for Delta_m (SPEC 4)")
     g.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     g = p.add_argument_group("predict on your own images")
@@ -1735,10 +1876,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--checkpoint", help="checkpoint for --predict; it holds everything the model needs")
     g = p.add_argument_group("benchmark")
     g.add_argument("--benchmark", action="store_true", help="time training and evaluation steps on random data")
-    g.add_argument("--benchmark-steps", type=int, default=5, help="timed steps")
-    g.add_argument("--benchmark-warmup", type=int, default=2, help="untimed warm-up steps")
+    g.add_argument("--benchmark-steps", type=positive_int, default=5, help="timed steps")
+    g.add_argument("--benchmark-warmup", type=non_negative_int, default=2, help="untimed warm-up steps")
     g.add_argument("--benchmark-json", metavar="PATH", help="also write the numbers as JSON")
-    g.add_argument("--peak-tflops", type=float, help="device bf16 dense peak for MFU (default: from the GPU's name)")
+    g.add_argument("--peak-tflops", type=positive_float,
+                   help="device bf16 dense peak for MFU (default: from the GPU's name)")
     g.add_argument("--naive-attention", action="store_true", help=argparse.SUPPRESS)  # memory comparison only
     g = p.add_argument_group("summaries of several runs")
     g.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print one Markdown table of finished runs: "
@@ -1746,7 +1888,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.predict and not args.checkpoint:
         p.error("--predict needs --checkpoint")
-    return args
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out-dir, --overwrite replaces it: pass one of them")
+    for action in p._actions:  # parsed again without defaults, only the flags given remain
+        action.default = argparse.SUPPRESS
+    return args, set(vars(p.parse_args(argv)))
 
 
 def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -1763,7 +1909,7 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.eval_batch_size = args.batch_size
     unknown = set(args.tasks) - set(d["tasks"])
     if unknown:
-        raise SystemExit(f"--tasks: {sorted(unknown)} are not tasks of {args.dataset} ({list(d['tasks'])})")
+        raise UserError(f"--tasks: {sorted(unknown)} are not tasks of {args.dataset} ({list(d['tasks'])})")
     return args
 
 
@@ -1787,8 +1933,16 @@ def resume_after_restart(args: argparse.Namespace) -> None:
             print(f"restart {restart}: resuming from epoch {saved['epoch']} of {path}", flush=True)
 
 
+# The flags --eval-only uses; the dataset, tasks and model come from the checkpoint.
+EVAL_FLAGS = ("eval_only", "data_root", "eval_batch_size", "workers", "device", "out_dir", "amp", "baselines")
+
+
+def flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def main(argv: list[str] | None = None):
-    args = get_args(argv)
+    args, given = get_args(argv)
     if args.summarize:  # reads finished runs' files: no torch.distributed, no data
         return summarize(args.summarize)
     # How this process was launched: torchrun's job id and the command line, so a restarted worker recognises
@@ -1801,34 +1955,50 @@ def main(argv: list[str] | None = None):
     resume_after_restart(args)
     if args.resume:
         path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
-        if not path.is_file():
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        saved = torch.load(path, map_location="cpu", weights_only=True)["args"]
-        given = {k: getattr(args, k) for k in RUNTIME_FLAGS if getattr(args, k) is not None}
-        args = argparse.Namespace(**{**saved, **given, "resume": True, "out_dir": str(path.parent)})
+        saved = read_checkpoint(path, "--resume")["args"]
+        changed = sorted(k for k in given - set(RUNTIME_FLAGS) if getattr(args, k) != saved.get(k))
+        if changed:  # a repeated command is fine, a different value would be silently ignored
+            raise UserError(f"--resume continues {path} with the flags it was started with; "
+                            + ", ".join(f"{flag(k)} {getattr(args, k)} (it has {saved.get(k)})" for k in changed)
+                            + ". Drop them, or start a new run with another --out-dir")
+        runtime = {k: getattr(args, k) for k in RUNTIME_FLAGS if k in given}  # the rest as saved
+        args = argparse.Namespace(**{**saved, **runtime, "launch": args.launch, "resume": True, "out_dir": str(path.parent)})
+    if args.eval_only and given - set(EVAL_FLAGS):
+        raise UserError(f"--eval-only takes the dataset, tasks and model from {args.eval_only}; it does not use "
+                        + ", ".join(map(flag, sorted(given - set(EVAL_FLAGS)))))
     ddp, rank, local_rank, world, device = setup_distributed(args.device)
     master = rank == 0
     if args.workers is None:  # on CPU, worker processes compete with torch's threads for the same cores
         args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if device.type == "cuda" else 0
-    if args.predict:
-        return predict(args, device)
-    if args.eval_only:
-        model, checkpoint = load_checkpoint_model(args.eval_only, device)
-        saved = checkpoint["args"]  # the data it was trained on; --data-root may point elsewhere
-        out_dir = Path(args.out_dir or Path(args.eval_only).parent / "eval")
-        args.dataset, args.tasks, args.img_size = saved["dataset"], saved["tasks"], saved["img_size"]
-        args.data_root = args.data_root or saved["data_root"]
-        _, val_set = build_datasets(fill_defaults(args), master=master)
-        results = evaluate(model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
-                           amp=args.amp, rank=rank, world=world)
-        if master:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_metrics(out_dir / "metrics.json", args, results, epoch=checkpoint["epoch"])
-        return results
-    args = fill_defaults(args)
-    if args.benchmark:
-        return benchmark(args, device)
-    return train(args, ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device)
+    try:
+        if args.predict:
+            return predict(args, device)
+        if args.eval_only:
+            model, checkpoint = load_checkpoint_model(args.eval_only, device, "--eval-only")
+            saved = checkpoint["args"]  # the data it was trained on; --data-root may point elsewhere
+            out_dir = Path(args.out_dir or Path(args.eval_only).parent / "eval")
+            args.dataset, args.tasks, args.img_size = saved["dataset"], saved["tasks"], saved["img_size"]
+            args.data_root = args.data_root or saved["data_root"]
+            _, val_set = build_datasets(fill_defaults(args), master=master, training=False)
+            results = evaluate(model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
+                               amp=args.amp, rank=rank, world=world)
+            if master:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                write_metrics(out_dir / "metrics.json", args, results, epoch=checkpoint["epoch"])
+            return results
+        args = fill_defaults(args)
+        if args.benchmark:
+            return benchmark(args, device)
+        return train(args, ddp=ddp, rank=rank, local_rank=local_rank, world=world, device=device)
+    except KeyboardInterrupt:
+        if args.predict or args.eval_only or args.benchmark:
+            raise Interrupted("interrupted") from None
+        path = Path(args.out_dir or ".") / "checkpoint.pt"
+        if not args.out_dir or not path.is_file():
+            raise Interrupted("interrupted before the first checkpoint: nothing to resume") from None
+        epoch = read_checkpoint(path, "--resume")["epoch"]
+        then = f"continues from epoch {epoch + 1}" if epoch < args.epochs else "evaluates its last epoch"
+        raise Interrupted(f"interrupted; `python mtcp.py --resume --out-dir {args.out_dir}` {then}") from None
 
 
 @record  # under torchrun, an unexpected error's traceback reaches torchrun's failure summary
@@ -1836,12 +2006,12 @@ def cli(argv: list[str] | None = None) -> int:
     """The program's entry point: main() with user errors reported once and without a traceback."""
     try:
         main(argv)
-    except (UserError, data.DataError) as e:
+    except (UserError, data.DataError, FloatingPointError) as e:
         rank = int(os.environ.get("RANK", 0))
         if rank > 0:  # rank 0 nearly always has the same error, and torchrun stops this rank once rank 0 exits
             time.sleep(10)
         print(f"mtcp: error: {e}" + (f" (rank {rank})" if rank else ""), file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT
+        return getattr(e, "exit_code", USER_ERROR_EXIT)
     finally:  # only now: a rank that left the group early would break the collectives of the others
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -3,15 +3,18 @@ the model (SPEC 2) and the program (SPEC 5): train, resume, eval-only, torchrun 
 
 Every fixture is written in the real file formats inside tmp_path; nothing is downloaded.
 """
+import errno
 import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -922,7 +925,7 @@ def test_resume_continues_exactly(toy_root, tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated crash")
     monkeypatch.setattr(mtcp, "save_checkpoint", crash_after_epoch_2)
     crashed = tmp_path / "crashed"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(mtcp.Interrupted, match="continues from epoch 3"):
         run_main("--data-root", toy_root, "--out-dir", crashed, "--epochs", 3, "--balancer", "lps", *SMALL)
     monkeypatch.undo()
     saved = torch.load(crashed / "checkpoint.pt", weights_only=True)
@@ -950,7 +953,7 @@ def test_single_task_runs_are_baselines_for_delta_m(toy_root, tmp_path):
     for task in ("semseg", "depth", "normals"):
         run_main("--data-root", toy_root, "--out-dir", tmp_path / task, "--epochs", 1, "--tasks", task, *SMALL)
     files = [tmp_path / t / "metrics.json" for t in ("semseg", "depth", "normals")]
-    with pytest.raises(SystemExit, match="no single-task metrics for"):  # before training, not after
+    with pytest.raises(mtcp.UserError, match="no single-task metrics for"):  # before training, not after
         run_main("--data-root", toy_root, "--out-dir", tmp_path / "mtl", "--epochs", 1, "--baselines", files[0], *SMALL)
     results = run_main("--data-root", toy_root, "--out-dir", tmp_path / "mtl", "--epochs", 1, "--baselines", *files,
                        *SMALL)
@@ -960,13 +963,16 @@ def test_single_task_runs_are_baselines_for_delta_m(toy_root, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_root, tmp_path, monkeypatch):
-    run_main("--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 1, *SMALL)
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(mtcp, "depth_loss", lambda pred, target: pred.sum() * float("nan"))
-    monkeypatch.setitem(mtcp.TASK_LOSSES, "depth", mtcp.depth_loss)
-    with pytest.raises(FloatingPointError, match="non-finite loss.*last good checkpoint"):
-        run_main("--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 1, *SMALL)
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    calls = []  # 2 steps per epoch, 4 depth outputs per step: NaN from the first step of epoch 2
+
+    def depth_loss(pred, target):
+        calls.append(1)
+        return mtcp.depth_loss(pred, target) * (float("nan") if len(calls) > 8 else 1.0)
+    monkeypatch.setitem(mtcp.TASK_LOSSES, "depth", depth_loss)
+    with pytest.raises(FloatingPointError, match="non-finite loss at epoch 2/2 step 1.*last good checkpoint"):
+        run_main("--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 2, *SMALL)  # epochs as printed
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and not mtcp.non_finite(checkpoint)
 
 
 def test_missing_dataset_root_is_a_clear_error(tmp_path):
@@ -1026,7 +1032,7 @@ def test_predict_on_own_images(toy_root, tmp_path):
         for task in ("semseg", "depth", "normals"):
             assert Image.open(out / f"{name}_{task}.png").size == (w, h)
     (folder / "broken.jpg").write_bytes(b"not a picture")
-    with pytest.raises(SystemExit, match="broken.jpg"):
+    with pytest.raises(mtcp.UserError, match="broken.jpg"):
         run_main("--predict", folder, "--checkpoint", tmp_path / "run" / "checkpoint.pt", "--out-dir", tmp_path / "p2")
     assert (tmp_path / "p2" / "wide_depth.npy").is_file()  # the readable images were still written
 
@@ -1051,7 +1057,7 @@ def write_run(folder, flags, seed, metrics):
     """A finished toy run's config.json (as train() writes it) and metrics.json, with hand-chosen metrics."""
     folder.mkdir(parents=True)
     args = mtcp.fill_defaults(mtcp.get_args(["--dataset", "toy", "--seed", str(seed), "--out-dir", str(folder),
-                                             *flags]))
+                                             *flags])[0])
     (folder / "config.json").write_text(json.dumps(vars(args)))
     (folder / "metrics.json").write_text(json.dumps(dict(dataset="toy", tasks=list(metrics), metrics=metrics)))
     return str(folder)
@@ -1100,7 +1106,7 @@ def test_summarize_groups_seeds_and_computes_delta_m(tmp_path, capsys):
 def test_summarize_reports_a_folder_without_metrics(tmp_path, capsys):
     folder = tmp_path / "interrupted_s0"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(vars(mtcp.fill_defaults(mtcp.get_args([])))))
+    (folder / "config.json").write_text(json.dumps(vars(mtcp.fill_defaults(mtcp.get_args([])[0]))))
     assert mtcp.cli(["--summarize", str(folder)]) == 2
     err = capsys.readouterr().err
     assert str(folder) in err and "metrics.json" in err and "Traceback" not in err
@@ -1211,3 +1217,205 @@ def test_torchrun_worker_restart_resumes_exactly(tmp_path):
     assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+# ---------------------------------------------------------------------------------------------------------
+# --- Failure cases (issue 12) ---
+# Nothing lost, nothing silently wrong: each case ends in one message naming the file or flag, never a traceback,
+# and leaves every earlier output as it was.
+
+@pytest.fixture(scope="module")
+def trained(toy_root, tmp_path_factory):
+    """A finished 1-epoch toy run; tests copy it before writing into it."""
+    out = tmp_path_factory.mktemp("trained")
+    run_main("--data-root", toy_root, "--out-dir", out, "--epochs", 1, *SMALL)
+    return out
+
+
+def cli_error(capsys, *argv, code=mtcp.USER_ERROR_EXIT):
+    """Runs the real entry point, checks its exit code, and returns its one-message stderr."""
+    capsys.readouterr()
+    assert mtcp.cli([str(a) for a in argv]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("mtcp: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_new_run_refuses_a_folder_with_a_checkpoint(toy_root, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = {f: (out / f).read_bytes() for f in ("checkpoint.pt", "metrics.json", "log.jsonl", "config.json")}
+    err = cli_error(capsys, "--data-root", toy_root, "--out-dir", out, "--epochs", 2, *SMALL)
+    assert str(out) in err and "--resume" in err and "--overwrite" in err
+    assert before == {f: (out / f).read_bytes() for f in before}  # nothing of the old run touched
+    run_main("--data-root", toy_root, "--out-dir", out, "--epochs", 2, "--overwrite", *SMALL)
+    assert [r["epoch"] for r in mtcp.read_log(out / "log.jsonl")] == [1, 2]  # a fresh log, not appended
+
+
+def test_eval_only_never_writes_a_dataset(trained, tmp_path, capsys):
+    empty = tmp_path / "some" / "PASCAL_MT"
+    empty.mkdir(parents=True)
+    err = cli_error(capsys, "--eval-only", trained / "checkpoint.pt", "--data-root", empty)
+    assert str(empty) in err and list(empty.iterdir()) == []
+    err = cli_error(capsys, "--data-root", tmp_path / "nowhere", "--out-dir", tmp_path / "run", *SMALL)
+    assert "NYUD_MT layout" in err  # a toy training run writes the toy only into the default data/toy
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_checkpoints_never_hold_inf_or_nan(toy_root, tmp_path, monkeypatch, capsys):
+    bn = nn.BatchNorm2d(2)
+    bn.running_var[1] = float("inf")  # a finite loss can come with infinite BN statistics
+    assert mtcp.non_finite({"model": bn.state_dict()}) == ["model.running_var"]
+    step, steps = torch.optim.AdamW.step, []
+
+    def poisoned_step(self, *args, **kwargs):  # from epoch 2 one Adam moment is inf; the weights stay finite
+        result = step(self, *args, **kwargs)
+        steps.append(1)
+        if len(steps) > 2:
+            self.state[self.param_groups[0]["params"][0]]["exp_avg_sq"].fill_(float("inf"))
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoned_step)
+    err = cli_error(capsys, "--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 2, *SMALL)
+    assert "non-finite values after epoch 2/2" in err and "optimizer.state.0.exp_avg_sq" in err
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and mtcp.non_finite(checkpoint) == []
+    assert not (tmp_path / "checkpoint.tmp").exists()
+
+
+def test_predict_keeps_same_stem_inputs_apart_and_reads_16_bit(trained, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 50), dtype=np.uint16)
+    for folder, image in (("a", pixels), ("b", 255 - pixels), ("c", pixels)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(image.astype(np.uint8)).save(tmp_path / folder / "x.png")
+    Image.fromarray(pixels * 257).save(tmp_path / "c" / "deep.png")  # 16-bit grey, the same picture
+    assert Image.open(tmp_path / "c" / "deep.png").mode.startswith("I")
+    out = tmp_path / "pred"
+    run_main("--predict", tmp_path / "a", tmp_path / "b", tmp_path / "c", "--checkpoint", trained / "checkpoint.pt",
+             "--out-dir", out)
+    assert "x_1_*" in capsys.readouterr().out
+    depth = {name: np.load(out / f"{name}_depth.npy") for name in ("x", "x_1", "x_2", "deep")}
+    assert not np.array_equal(depth["x"], depth["x_1"])  # a/x.png and b/x.png: two sets of outputs
+    np.testing.assert_allclose(depth["deep"], depth["x_2"], atol=1e-5)  # 16 bits scaled to 8, not clipped
+    (tmp_path / "empty").mkdir()
+    err = cli_error(capsys, "--predict", tmp_path / "empty", "--checkpoint", trained / "checkpoint.pt")
+    assert "no images" in err and str(tmp_path / "empty") in err
+
+
+def damaged_copy(toy_root, tmp_path, split):
+    """A copy of the toy data with the first `split` sample's semseg png cut short; returns (root, file)."""
+    root = tmp_path / "data"
+    shutil.copytree(toy_root, root)
+    bad = root / "segmentation" / ((root / "gt_sets" / f"{split}.txt").read_text().split()[0] + ".png")
+    bad.write_bytes(bad.read_bytes()[:40])
+    return root, bad
+
+
+def test_checkpoint_is_written_before_validation_and_val_files_are_checked_first(toy_root, trained, tmp_path,
+                                                                                  monkeypatch, capsys):
+    root, bad = damaged_copy(toy_root, tmp_path, "val")
+    err = cli_error(capsys, "--data-root", root, "--out-dir", tmp_path / "run", "--epochs", 1, *SMALL)
+    assert str(bad) in err and not (tmp_path / "run" / "checkpoint.pt").exists()  # before any training
+    out = tmp_path / "crash"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("validation crashed")
+    monkeypatch.setattr(mtcp, "evaluate", crash)
+    with pytest.raises(RuntimeError, match="validation crashed"):
+        run_main("--data-root", toy_root, "--out-dir", out, "--epochs", 2, *SMALL)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the epoch is kept
+    monkeypatch.undo()
+    run_main("--resume", "--out-dir", out)
+    log = mtcp.read_log(out / "log.jsonl")
+    assert [r["epoch"] for r in log] == [1, 2] and all("metrics" in r for r in log)  # epoch 1's redone on resume
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", -3), ("--epochs", 0), ("--batch-size", 0), ("--lr", 0),
+                                         ("--dim", 0), ("--workers", -1), ("--lr", "nan"), ("--eval-every", 0)])
+def test_values_that_cannot_work_are_argparse_errors(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit:
+        run_main(flag, value)
+    assert exit.value.code == 2 and f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_flags_a_mode_would_ignore_are_errors(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    err = cli_error(capsys, "--resume", "--out-dir", out, "--epochs", 4)
+    assert "--epochs 4 (it has 1)" in err
+    assert "--lr" in cli_error(capsys, "--resume", "--out-dir", out, "--lr", 0.1)
+    run_main("--resume", "--out-dir", out, "--epochs", 1, "--lr", 2e-3, "--workers", 0)  # the same values: fine
+    err = cli_error(capsys, "--eval-only", out / "checkpoint.pt", "--dataset", "nyud", "--tasks", "depth")
+    assert "does not use --dataset, --tasks" in err
+    with pytest.raises(SystemExit):
+        run_main("--resume", "--overwrite", "--out-dir", out)
+    assert "pass one of them" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(toy_root, tmp_path, monkeypatch, capsys):
+    save, saves = torch.save, []
+
+    def full_disk(state, path):  # the second save writes half a file, then the disk is full
+        saves.append(path)
+        if len(saves) == 1:
+            return save(state, path)
+        Path(path).write_bytes(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    err = cli_error(capsys, "--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 2, *SMALL)
+    assert str(tmp_path / "checkpoint.pt") in err and "previous checkpoint is kept" in err
+    assert not (tmp_path / "checkpoint.tmp").exists()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(mtcp.UserError, match="cannot write /dev/full: No space left"):  # log.jsonl, metrics.json
+        mtcp.write_file(Path("/dev/full"), "{}\n", "a")
+
+
+def test_a_full_tmpfs_keeps_the_previous_checkpoint(toy_root, trained, tmp_path, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = (trained / "checkpoint.pt").stat().st_size * 3 // 2 + 64 * 1024  # one checkpoint fits, not two
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        err = cli_error(capsys, "--data-root", toy_root, "--out-dir", disk, "--epochs", 2, *SMALL)
+        assert "previous checkpoint is kept" in err
+        assert not (disk / "checkpoint.tmp").exists()
+        assert torch.load(disk / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_user_errors_are_one_message(trained, toy_root, tmp_path, capsys):
+    assert "nowhere" in cli_error(capsys, "--dataset", "nyud", "--data-root", tmp_path / "nowhere", "--no-pretrained",
+                                  "--out-dir", tmp_path / "run", *SMALL)
+    root, bad = damaged_copy(toy_root, tmp_path, "train")
+    assert str(bad) in cli_error(capsys, "--data-root", root, "--out-dir", tmp_path / "run", *SMALL)
+    err = cli_error(capsys, "--data-root", toy_root, "--out-dir", tmp_path / "run", *SMALL, "--backbone", "resnet_18")
+    assert "--backbone resnet_18" in err and "resnet18" in err
+    text, cut, foreign = tmp_path / "notes.txt", tmp_path / "cut.pt", tmp_path / "foreign.pt"
+    text.write_text("hello\n")
+    cut.write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    for path in (text, cut, foreign, tmp_path / "missing.pt"):
+        assert str(path) in cli_error(capsys, "--eval-only", path)
+    (tmp_path / "bad_run").mkdir()
+    shutil.copy(text, tmp_path / "bad_run" / "checkpoint.pt")
+    assert "checkpoint.pt" in cli_error(capsys, "--resume", "--out-dir", tmp_path / "bad_run")
+
+
+def test_ctrl_c_says_how_to_continue_and_resume_leaves_one_record_per_epoch(toy_root, tmp_path, monkeypatch, capsys):
+    save = mtcp.save_checkpoint
+
+    def ctrl_c_after_epoch_1(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mtcp, "save_checkpoint", ctrl_c_after_epoch_1)
+    err = cli_error(capsys, "--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 2, *SMALL, code=130)
+    assert err == f"mtcp: error: interrupted; `python mtcp.py --resume --out-dir {tmp_path}` continues from epoch 2\n"
+    monkeypatch.undo()
+    with open(tmp_path / "log.jsonl", "a") as f:  # what older kills left: a later epoch's record, a cut line
+        f.write(json.dumps({"epoch": 2}) + "\n" + '{"epoch": 3, "lo')
+    (tmp_path / "checkpoint.tmp").write_bytes(b"partial")
+    run_main("--resume", "--out-dir", tmp_path)
+    assert [r["epoch"] for r in mtcp.read_log(tmp_path / "log.jsonl")] == [1, 2]
+    assert not (tmp_path / "checkpoint.tmp").exists()

@@ -748,10 +748,12 @@ BALANCERS = {"lps": LossPrioritization, "equal": EqualWeighting, "uw": Uncertain
              "dwa": DynamicWeightAverage}
 
 
-def make_balancer(name: str, tasks: Sequence[str], **options) -> TaskBalancer:
-    """The balancer `name` (lps | equal | uw | dwa) over `tasks`; options go to its constructor."""
+def make_balancer(name: str, tasks: Sequence[str], *, spread: float = 7.5, floor: float = 0.1) -> TaskBalancer:
+    """The balancer `name` (lps | equal | uw | dwa) over `tasks`; spread and floor are LPS's (SPEC 3), the
+    other balancers have no option."""
     if name not in BALANCERS:
         raise ValueError(f"unknown balancer {name!r}; choose from {sorted(BALANCERS)}")
+    options = dict(spread=spread, floor=floor) if name == "lps" else {}
     return BALANCERS[name](tasks=tasks, **options)
 
 

@@ -949,6 +949,14 @@ def test_eval_only_reproduces_the_last_evaluation(toy_root, tmp_path):
     assert (tmp_path / "eval" / "metrics.json").is_file()
 
 
+@pytest.mark.parametrize("balancer", ["equal", "uw", "dwa"])
+def test_every_balancer_trains_through_the_command_line(toy_root, tmp_path, balancer):
+    """--balancer X with the default LPS flags present (the ablation's runs); LPS is run by the tests above."""
+    run_main("--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 1, "--balancer", balancer, *SMALL)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["args"]["balancer"] == balancer and (tmp_path / "metrics.json").is_file()
+
+
 def test_single_task_runs_are_baselines_for_delta_m(toy_root, tmp_path):
     for task in ("semseg", "depth", "normals"):
         run_main("--data-root", toy_root, "--out-dir", tmp_path / task, "--epochs", 1, "--tasks", task, *SMALL)

@@ -1576,12 +1576,13 @@ def benchmark(args, device: torch.device) -> dict:
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(args.seed)
+    cuda = device.type == "cuda"
     num_outputs = {t: DATASETS[args.dataset]["tasks"][t] for t in args.tasks}
     model = build_model(args, num_outputs).to(device)
     for m in model.modules():
         if isinstance(m, CoherenceFusion):
             m.naive_attention = args.naive_attention
-    channels_last = device.type == "cuda" and args.channels_last
+    channels_last = cuda and args.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if args.compile else model
@@ -1591,36 +1592,31 @@ def benchmark(args, device: torch.device) -> dict:
     images = torch.randn(B, 3, H, W, device=device)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    targets = {}
-    for t, c in num_outputs.items():
-        if t in ("semseg", "human_parts"):
-            targets[t] = torch.randint(0, c, (B, H, W), device=device)
-        elif t == "normals":
-            targets[t] = F.normalize(torch.randn(B, 3, H, W, device=device), dim=1)
-        elif t == "sal":
-            targets[t] = (torch.rand(B, 1, H, W, device=device) > 0.5).float()
-        else:
-            targets[t] = torch.rand(B, 1, H, W, device=device) * 9 + 0.5
+    targets = {t: torch.randint(0, c, (B, H, W), device=device) if t in ("semseg", "human_parts")
+               else F.normalize(torch.randn(B, 3, H, W, device=device), dim=1) if t == "normals"
+               else (torch.rand(B, 1, H, W, device=device) > 0.5).float() if t == "sal"
+               else torch.rand(B, 1, H, W, device=device) * 9 + 0.5 for t, c in num_outputs.items()}
 
-    def train_step() -> float:
+    def train_step(net: nn.Module = step_model, update: bool = True) -> float:
         with autocast(device, args.amp):
-            preds, aux = step_model(images)
+            preds, aux = net(images)
         total = balancer(multi_task_losses(preds, aux, targets, aux_weight=args.aux_weight))
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
+        if update:
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
         return total.item()
 
     @torch.no_grad()
-    def eval_step():
+    def eval_step(net: nn.Module = step_model):
         with autocast(device, args.amp):
-            step_model(images)
+            net(images)
 
     def timed(fn, steps: int) -> float:
         for _ in range(args.benchmark_warmup):
             fn()
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
         start = time.perf_counter()
         for _ in range(steps):
@@ -1628,49 +1624,44 @@ def benchmark(args, device: torch.device) -> dict:
         sync()
         return (time.perf_counter() - start) / steps
 
-    if device.type == "cuda":
+    cpu_attention = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: _cpu_attention_flops(q, k, v),
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, **kw: _cpu_attention_flops(q, k, v, backward=True)}
+
+    def flops_per_image(fn) -> float:  # of one eager step
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+            fn(model)
+        return counter.get_total_flops() / B
+
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     model.train()
     start = time.perf_counter()
     first_loss = train_step()  # same seed, same weights and data: compare eager with --compile, fp32 with bf16
     first_step_s = time.perf_counter() - start  # includes compilation with --compile
     train_time = timed(train_step, args.benchmark_steps)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+    peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB (Linux)
     model.eval()
     eval_time = timed(eval_step, args.benchmark_steps)
     model.train()
-    cpu_attention = {
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: _cpu_attention_flops(q, k, v),
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-            lambda g, q, k, v, *a, **kw: _cpu_attention_flops(q, k, v, backward=True)}
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:  # one eager training step
-        with autocast(device, args.amp):
-            preds, aux = model(images)
-        balancer(multi_task_losses(preds, aux, targets, aux_weight=args.aux_weight)).backward()
-    train_flops = counter.get_total_flops() / B
+    train_flops = flops_per_image(lambda net: train_step(net, update=False))
     optimizer.zero_grad(set_to_none=True)
     model.eval()
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter, torch.no_grad():
-        with autocast(device, args.amp):
-            model(images)
-    eval_flops = counter.get_total_flops() / B
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    eval_flops = flops_per_image(eval_step)
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     achieved = train_flops * B / train_time / 1e12
     result = dict(device=name, dataset=args.dataset, img_size=list(args.img_size), batch_size=B,
-                  amp=bool(args.amp) and bf16_ready(device),
-                  compile=bool(args.compile), channels_last=channels_last, naive_attention=bool(args.naive_attention),
-                  params_m=sum(p.numel() for p in model.parameters()) / 1e6, first_step_s=first_step_s,
-                  first_step_loss=first_loss,
+                  amp=bool(args.amp) and bf16_ready(device), compile=bool(args.compile), channels_last=channels_last,
+                  naive_attention=bool(args.naive_attention), params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                  first_step_s=first_step_s, first_step_loss=first_loss,
                   train_img_per_s=B / train_time, eval_img_per_s=B / eval_time, peak_memory_gib=peak,
-                  peak_memory_kind="CUDA max allocated" if device.type == "cuda" else "process peak RSS",
+                  peak_memory_kind="CUDA max allocated" if cuda else "process peak RSS",
                   train_gflops_per_img=train_flops / 1e9, eval_gflops_per_img=eval_flops / 1e9,
-                  achieved_tflops=achieved if device.type == "cuda" else None,
-                  mfu=achieved / peak_tflops if device.type == "cuda" and peak_tflops else None,
-                  peak_bf16_tflops=peak_tflops if device.type == "cuda" else None)
+                  achieved_tflops=achieved if cuda else None, mfu=achieved / peak_tflops if cuda and peak_tflops else None,
+                  peak_bf16_tflops=peak_tflops if cuda else None)
     rows = [("device", name), ("input", f"{B} x 3 x {H} x {W}, amp {result['amp']}, compile {result['compile']}"),
             ("parameters", f"{result['params_m']:.2f} M"),
             ("first step", f"{first_step_s:.1f} s" + (" (compilation included)" if args.compile else "")
@@ -1678,8 +1669,8 @@ def benchmark(args, device: torch.device) -> dict:
             ("train", f"{result['train_img_per_s']:.2f} img/s ({train_time * 1e3:.0f} ms/step)"),
             ("eval", f"{result['eval_img_per_s']:.2f} img/s"),
             ("peak memory", f"{peak:.2f} GiB ({result['peak_memory_kind']})"),
-            ("GFLOPs / img", f"train step {result['train_gflops_per_img']:.1f}, eval forward {result['eval_gflops_per_img']:.1f}"),
-            ("achieved", f"{achieved:.1f} TFLOP/s" if device.type == "cuda" else "n/a (CPU)"),
+            ("GFLOPs / img", f"train step {train_flops / 1e9:.1f}, eval forward {eval_flops / 1e9:.1f}"),
+            ("achieved", f"{achieved:.1f} TFLOP/s" if cuda else "n/a (CPU)"),
             ("MFU", f"{100 * result['mfu']:.1f} % of {peak_tflops:.0f} TFLOP/s bf16 dense" if result["mfu"] else "n/a")]
     print("\n".join(f"{k:<14} {v}" for k, v in rows), flush=True)
     if args.benchmark_json:
@@ -1809,26 +1800,24 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
     """The flags, and the names (dests) of those given on the command line. Flags left at None take their
     value from DATASETS[--dataset] (SPEC 5) or, when resuming, from the checkpoint."""
     p = argparse.ArgumentParser(description="MT-CP: multi-task dense prediction (WACV 2025), train / evaluate / "
-                                            "predict / benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "predict / benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=list(DATASETS), default="toy",
                    help="toy: built-in rooms in the NYUD layout (written on first use); nyud: NYUD_MT; pascal: PASCAL_MT")
     g.add_argument("--data-root", help="dataset folder (default: DATASETS[dataset]['data_root']: data/toy, "
-                                                 "data/NYUD_MT, data/PASCAL_MT, relative to the working directory)")
+                   "data/NYUD_MT, data/PASCAL_MT, relative to the working directory)")
     g.add_argument("--tasks", nargs="+", help="subset of the dataset's tasks, e.g. one task for a single-task "
-                                              "baseline (default: all of DATASETS[dataset]['tasks'])")
-    g.add_argument("--workers", type=non_negative_int,
-                   help="data-loading processes per rank (default: 8 on CUDA, capped by the cores per rank; 0 on CPU, "
-                        "where workers slow training: 9.6 vs 12.6 img/s on 2 cores, toy)")
+                   "baseline (default: all of DATASETS[dataset]['tasks'])")
+    g.add_argument("--workers", type=non_negative_int, help="data-loading processes per rank (default: 8 on CUDA, "
+                   "capped by the cores per rank; 0 on CPU, where workers slow training: 9.6 vs 12.6 img/s on 2 cores, toy)")
     g = p.add_argument_group("model (SPEC 2)")
     g.add_argument("--backbone", help="timm model name (default: Swin-S in22k-ft-1k for nyud/pascal, SPEC 2.1; "
-                                      "resnet18 for toy)")
-    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
-                   help="timm's pretrained backbone weights, from its local cache, never downloaded at run time "
-                        "(default: on for nyud/pascal as in the paper, off for toy)")
+                   "resnet18 for toy)")
+    g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, help="timm's pretrained backbone "
+                   "weights, from its local cache, never downloaded at run time (default: on for nyud/pascal as in "
+                   "the paper, off for toy)")
     g.add_argument("--weights", help="local timm state dict for the backbone, loaded strictly")
-    g.add_argument("--dim", type=positive_int,
-                   help="D, width of neck, decoders and heads (default: 256 per SPEC 2; toy 32)")
+    g.add_argument("--dim", type=positive_int, help="D, width of neck, decoders and heads (default: 256 per SPEC 2; toy 32)")
     g.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="training / inference size (default: 480 640 nyud, 512 512 pascal per SPEC 1.3; toy 96 128)")
     g.add_argument("--no-cfm", action="store_true", help="ablation: no Coherence Fusion Module")
@@ -1837,38 +1826,36 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
     g.add_argument("--epochs", type=positive_int, help="default: 100 per SPEC 5 (released code); toy 12")
     g.add_argument("--batch-size", type=positive_int, help="per process (default: 2 per SPEC 5; toy 16)")
     g.add_argument("--eval-batch-size", type=positive_int, help="per process (default: --batch-size)")
-    g.add_argument("--lr", type=positive_float,
-                   help="AdamW learning rate, poly decay 0.9 (default: 5e-5 per SPEC 5; toy 2e-3)")
+    g.add_argument("--lr", type=positive_float, help="AdamW learning rate, poly decay 0.9 (default: 5e-5 per SPEC 5; "
+                   "toy 2e-3)")
     g.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="AdamW weight decay (SPEC 5)")
     g.add_argument("--clip-grad", type=non_negative_float, default=10.0,
                    help="max gradient norm, 0 = off (SPEC 5 clips; the value is this project's choice)")
-    g.add_argument("--balancer", choices=["lps", "equal", "uw", "dwa"], default="lps",
-                   help="lps: Loss Prioritization Scheme (SPEC 3); equal: what the released code optimised; uw: "
-                        "Kendall et al.; dwa: Liu et al.")
-    g.add_argument("--lps-spread", type=positive_float,
-                   help="LPS spread k (default: 7.5 nyud/toy, 1.6 pascal, SPEC 3)")
+    g.add_argument("--balancer", choices=["lps", "equal", "uw", "dwa"], default="lps", help="lps: Loss "
+                   "Prioritization Scheme (SPEC 3); equal: what the released code optimised; uw: Kendall et al.; "
+                   "dwa: Liu et al.")
+    g.add_argument("--lps-spread", type=positive_float, help="LPS spread k (default: 7.5 nyud/toy, 1.6 pascal, SPEC 3)")
     g.add_argument("--lps-floor", type=non_negative_float, default=0.1, help="LPS weight floor (SPEC 3)")
     g.add_argument("--aux-weight", type=non_negative_float, default=0.5,
                    help="weight of each auxiliary output's loss (initial and intermediate; SPEC 3, as released)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (SPEC 5) and on CPUs with native bf16 (AVX-512 BF16 / AMX: 1.26x "
-                        "faster toy step, 3.6x faster NYUD step, README: performance); --no-amp for fp32 everywhere")
-    g.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute activations in the backward pass (backbone stages, decoders, CFMs, trace-backs): "
-                        "same gradients, less memory, slower (README: performance)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA "
+                   "(SPEC 5) and on CPUs with native bf16 (AVX-512 BF16 / AMX: 1.26x faster toy step, 3.6x faster "
+                   "NYUD step, README: performance); --no-amp for fp32 everywhere")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass "
+                   "(backbone stages, decoders, CFMs, trace-backs): same gradients, less memory, slower (README: performance)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format on CUDA")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (off: on a 2-core CPU the toy compiled in 263 s, then trained 8 %% "
-                        "slower; with bf16 on CPU torch 2.14's inductor fails, use --no-amp; README: performance)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (off: on a 2-core CPU the toy "
+                   "compiled in 263 s, then trained 8 %% slower; with bf16 on CPU torch 2.14's inductor fails, use "
+                   "--no-amp; README: performance)")
     g.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     g = p.add_argument_group("run")
     g.add_argument("--out-dir", help="where config.json, log.jsonl, metrics.json, checkpoint.pt and vis/ go "
-                                     "(default: runs/<dataset>; predictions/ for --predict)")
+                   "(default: runs/<dataset>; predictions/ for --predict)")
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt with its config "
-                                                         "(a training flag given must equal the checkpoint's)")
+                   "(a training flag given must equal the checkpoint's)")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out-dir (a new run into a folder "
-                                                            "holding a checkpoint refuses without it)")
+                   "holding a checkpoint refuses without it)")
     g.add_argument("--eval-only", metavar="CKPT", help="evaluate a checkpoint on the val split and exit")
     g.add_argument("--eval-every", type=positive_int, default=10,
                    help="epochs between evaluations; the last is always evaluated (SPEC 5)")
@@ -1883,8 +1870,7 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
     g.add_argument("--benchmark-steps", type=positive_int, default=5, help="timed steps")
     g.add_argument("--benchmark-warmup", type=non_negative_int, default=2, help="untimed warm-up steps")
     g.add_argument("--benchmark-json", metavar="PATH", help="also write the numbers as JSON")
-    g.add_argument("--peak-tflops", type=positive_float,
-                   help="device bf16 dense peak for MFU (default: from the GPU's name)")
+    g.add_argument("--peak-tflops", type=positive_float, help="device bf16 dense peak for MFU (default: from the GPU's name)")
     g.add_argument("--naive-attention", action="store_true", help=argparse.SUPPRESS)  # memory comparison only
     g = p.add_argument_group("summaries of several runs")
     g.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print one Markdown table of finished runs: "

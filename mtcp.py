@@ -110,12 +110,10 @@ class CBAM(nn.Module):
 
 
 class FPN(nn.Module):
-    """Feature pyramid (Lin et al., CVPR 2017) that merges several strides into the finest one, as the released
-    decoder builds it: 1x1 lateral convolutions, nearest-neighbour top-down upsampling, one 3x3 convolution
-    with bias at the finest level, no normalisation and no activation (so the output is signed).
-
-    Used twice (SPEC 2): as the neck over the backbone stages (-> the shared map R) and inside every task
-    decoder over its three Swin stages (-> X_t). Top-down: y = lateral_i(f_i) + upsample(y), then a 3x3 conv.
+    """Feature pyramid (Lin et al., CVPR 2017) merging several strides into the finest, as the released decoder
+    builds it: 1x1 laterals, nearest top-down upsampling, one 3x3 conv with bias at the finest level, no norm and
+    no activation (the output is signed). Used as the neck (-> R) and in every task decoder (-> X_t; SPEC 2).
+    Top-down: y = lateral_i(f_i) + upsample(y), then a 3x3 conv.
 
     Args:
         in_channels: channels of each input level, finest first.
@@ -152,13 +150,10 @@ class Head(nn.Sequential):
 # Backbone and neck (SPEC 2.1)
 
 def load_backbone_weights(body: nn.Module, path: str) -> None:
-    """Copies a timm state dict of the same architecture (e.g. the model.safetensors or pytorch_model.bin of
-    its timm hub repository) into a `features_only` backbone. Strict: a missing key or a shape mismatch raises.
-
-    timm's own file loading is not strict for features_only models, which is how pretrained weights get
-    silently lost (SPEC 7); so the check is done here. Keys the backbone does not have (the classifier, the
-    final norm) are ignored; feature wrappers spell `layers.0` as `layers_0`, so both spellings are accepted.
-    """
+    """Copies a timm state dict of the same architecture (e.g. its hub repository's model.safetensors) into a
+    `features_only` backbone, strictly: timm's own loading is not strict for features_only models, which is how
+    pretrained weights get silently lost (SPEC 7). Keys the backbone lacks (classifier, final norm) are ignored;
+    feature wrappers spell `layers.0` as `layers_0`, so both spellings are accepted."""
     try:
         state = timm.models.load_state_dict(path)
     except Exception as e:
@@ -189,8 +184,7 @@ class Backbone(nn.Module):
     Args:
         name: timm model name; its stages are read from `feature_info`, never hard-coded.
         dim: D, channels of R.
-        img_size: (H, W) the model is built for, a multiple of the backbone's stride (transformers fix their
-            patch grid and windows at build time).
+        img_size: (H, W), a multiple of the backbone's stride (transformers fix their patch grid at build time).
         pretrained: load timm's pretrained weights (from its local cache: main() forbids downloads).
         weights: path of a local timm state dict to load instead, strictly.
 
@@ -235,9 +229,8 @@ class Backbone(nn.Module):
 class TaskDecoder(nn.Module):
     """Task-specific decoder: three Swin stages (timm building blocks) over R, merged by an FPN.
 
-    Widths D, 2D, 4D at strides 4, 8, 16, depths (1, 2, 1), 2 heads, window 7 (SPEC 2). Stages 2 and 3
-    start with timm's patch merging (2x2 -> 2x channels). Each stage's output is LayerNorm-ed over its
-    channels, as in the released decoder: D1, D2, D3 (to the FPN and to the trace-back) are the normalised maps.
+    Widths D, 2D, 4D at strides 4, 8, 16, depths (1, 2, 1), 2 heads, window 7 (SPEC 2); stages 2 and 3 start with
+    timm's patch merging. As in the released decoder, D1, D2, D3 (to the FPN and the trace-back) are LayerNorm-ed.
 
     Args:
         dim: D.
@@ -278,10 +271,9 @@ class TaskDecoder(nn.Module):
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, naive: bool = False) -> torch.Tensor:
     """softmax(q k^T) v over all N positions, with NO 1/sqrt(d) scaling (as in the released code).
 
-    The released code materialises the N x N matrix (N = 19,200 at 480x640: 1.5 GB per image and task in
-    fp32). scaled_dot_product_attention gives the same result in O(N) memory. On CPU its flash kernel needs
-    v as wide as q, so v is zero-padded and the output sliced (SPEC 2.2: +0.31 GB instead of +4.35 GB).
-    `naive=True` is the materialised reference, for tests and the memory benchmark.
+    The released code materialises the N x N matrix (N = 19,200 at 480x640: 1.5 GB per image and task in fp32);
+    SDPA gives the same result in O(N) memory. On CPU its flash kernel needs v as wide as q, so v is zero-padded
+    and the output sliced (SPEC 2.2: +0.31 GB instead of +4.35 GB). `naive=True`: the materialised reference.
 
     Shapes: q, k (B, N, Dq); v (B, N, Dv) -> (B, N, Dv).
     """
@@ -434,8 +426,7 @@ class MTCP(nn.Module):
         pretrained: timm's pretrained weights, from its local cache.
         weights: a local timm state dict for the backbone, loaded strictly.
         dim: D, the width of the neck, decoders and heads.
-        img_size: (H, W) of the inputs. Any size works; inside, the input is zero-padded to a multiple of the
-            backbone's stride and the outputs cropped back.
+        img_size: (H, W) of the inputs, any size: zero-padded inside to a multiple of the stride, outputs cropped.
         cfm: use the CFM (False: C_t = X_t; ablation).
         traceback: use the trace-back (False: the CFM head is the final output and aux is empty; ablation).
 
@@ -469,11 +460,9 @@ class MTCP(nn.Module):
         self.grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute activations in the backward pass instead of keeping them, per block: each backbone stage
-        (timm's own checkpointing), each task decoder, each CFM and each trace-back. Same loss and gradients,
-        less memory, more time (README: performance). Caveat: timm's checkpointing of a BatchNorm backbone (a
-        ResNet; Swin has none) updates those BN running statistics twice per step; the blocks checkpointed here
-        update theirs once."""
+        """Recompute activations in the backward pass, per block: each backbone stage (timm's own), task decoder,
+        CFM and trace-back. Same gradients, less memory, more time (README: performance). Caveat: timm's
+        checkpointing of a BatchNorm backbone (a ResNet) updates BN running statistics twice per step; ours once."""
         self.backbone.body.set_grad_checkpointing(enable)
         self.grad_checkpointing = enable
 
@@ -485,7 +474,6 @@ class MTCP(nn.Module):
                                                  context_fn=lambda: (contextlib.nullcontext(), _bn_stats_kept(module)))
 
     def param_counts(self) -> dict[str, int]:
-        """Parameters per part, for the log line printed when the model is built."""
         parts = dict(backbone=self.backbone, decoders=self.decoders, cfm=self.cfm, traceback=self.traceback,
                      heads=self.heads)
         return {k: sum(p.numel() for p in m.parameters()) if m is not None else 0 for k, m in parts.items()}
@@ -604,9 +592,8 @@ class TaskBalancer(nn.Module):
     """Shared part of the balancers: `total = balancer(losses)` each step, `end_epoch()` after each epoch.
 
     A step returns sum_t w_t L_t and records L_t (detached, float64); end_epoch() all-reduces the epoch's sums and
-    step count over the DDP ranks once, appends the epoch means to `history` and updates the weights, so every
-    rank ends with identical weights. `weights` and `history` are Python floats, saved by state_dict().
-    """
+    step count once, appends the epoch means to `history` and updates the weights, identical on every rank.
+    `weights` and `history` are Python floats, saved by state_dict()."""
 
     def __init__(self, *, tasks: Sequence[str]):
         super().__init__()
@@ -1032,12 +1019,6 @@ def to_numpy(task: str, pred: torch.Tensor) -> np.ndarray:
     return pred.cpu().numpy()
 
 
-def unnormalize(image: torch.Tensor) -> np.ndarray:
-    """ImageNet-normalised (3, H, W) -> H x W x 3 uint8."""
-    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
-    return ((image.cpu() * std + mean).permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)  # (H, W, 3)
-
-
 def save_grid(path: Path, rows: list[list[np.ndarray]]) -> None:
     """Writes rows of equally sized H x W x 3 pictures as one PNG, 4 px apart."""
     h, w = rows[0][0].shape[:2]
@@ -1062,12 +1043,9 @@ def resize_to(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int, workers: int, amp: bool,
              rank: int = 0, world: int = 1) -> dict:
-    """Scores `model` on the whole `dataset` and returns Metrics.compute() (all-reduced over ranks).
-
-    Each rank takes the images rank, rank + world, ... (no padding: DistributedSampler would repeat images).
-    Predictions are resized to each label's ORIGINAL size and scored there (SPEC 1.3); no test-time
-    augmentation.
-    """
+    """Metrics.compute() of `model` on the whole `dataset`, all-reduced over ranks. Each rank takes the images
+    rank, rank + world, ... (no padding: DistributedSampler would repeat images). Predictions are resized to each
+    label's ORIGINAL size and scored there (SPEC 1.3); no test-time augmentation."""
     model.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, collate_fn=data.collate,
@@ -1091,6 +1069,7 @@ def save_visuals(model: nn.Module, dataset, out_dir: Path, *, device: torch.devi
     """One PNG per validation image: a row per task with the image, the ground truth and the prediction."""
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
     for i in range(min(count, len(dataset))):
         sample = dataset[i]
         with autocast(device, amp):
@@ -1098,7 +1077,8 @@ def save_visuals(model: nn.Module, dataset, out_dir: Path, *, device: torch.devi
         rows = []
         for t, pred in preds.items():
             target = sample[t].numpy()
-            image = unnormalize(resize_to(sample["image"][None], target.shape[-2:])[0])
+            image = resize_to(sample["image"][None], target.shape[-2:])[0].cpu() * std + mean  # (3, H, W) in [0, 1]
+            image = (image.permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)  # (H, W, 3)
             rows.append([image, colorize(t, target), colorize(t, to_numpy(t, resize_to(pred, target.shape[-2:])[0]))])
         save_grid(out_dir / f"{sample['meta']['id']}.png", rows)
 
@@ -1192,8 +1172,7 @@ CHECKPOINT_KEYS = ("model", "optimizer", "balancer", "epoch", "step", "args", "n
 
 
 def read_checkpoint(path, flag: str) -> dict:
-    """The checkpoint dict at `path`; a UserError naming the file and `flag` if it is missing, not a
-    checkpoint, cut short, or lacks a key."""
+    """The checkpoint at `path`; a UserError naming `flag` if it is missing, unreadable, cut short or lacks a key."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag}: no checkpoint at {path}")
@@ -1242,12 +1221,10 @@ def build_model(args, num_outputs: dict[str, int]) -> MTCP:
 
 
 def build_datasets(args, *, master: bool, training: bool = True):
-    """The train and val datasets of args.dataset; every val file is decoded once here, so a damaged one stops
-    the program before training. Only a toy training run into the default data/toy writes the toy data (on first
-    use); everything else only reads. A missing or incomplete real dataset is a UserError that says where to
-    download it and how to check it."""
+    """The train and val datasets; every val file is decoded here, so a damaged one stops the program before
+    training. Only a toy training run into the default data/toy writes the toy data (on first use). A missing or
+    incomplete real dataset is a UserError that says where to download it and how to check it."""
     tasks, size = tuple(args.tasks), tuple(args.img_size)
-    num_classes = DATASETS[args.dataset]["tasks"]["semseg"]
     if (args.dataset == "toy" and training and master and Path(args.data_root) == Path(DATASETS["toy"]["data_root"])
             and not (Path(args.data_root) / "gt_sets" / "val.txt").exists()):
         print(f"writing the toy dataset to {args.data_root} ...", flush=True)
@@ -1255,14 +1232,11 @@ def build_datasets(args, *, master: bool, training: bool = True):
     if args.dataset == "toy" and dist.is_initialized():
         dist.barrier()  # the other ranks wait for rank 0's toy data
     try:
-        if args.dataset == "pascal":
-            sets = (data.PASCALContext(args.data_root, "train", tasks=tasks, size=size),
-                    data.PASCALContext(args.data_root, "val", tasks=tasks, size=size))
-        else:
-            sets = (data.NYUD(args.data_root, "train", tasks=tasks, size=size, num_classes=num_classes),
-                    data.NYUD(args.data_root, "val", tasks=tasks, size=size, num_classes=num_classes))
+        extra = {} if args.dataset == "pascal" else dict(num_classes=DATASETS[args.dataset]["tasks"]["semseg"])
+        reader = data.PASCALContext if args.dataset == "pascal" else data.NYUD
+        sets = [reader(args.data_root, split, tasks=tasks, size=size, **extra) for split in ("train", "val")]
         data.verify(sets[1])
-        return sets
+        return tuple(sets)
     except data.DataError as e:  # every rank gets here before any collective: each raises, rank 0 reports
         if args.dataset == "toy":
             raise
@@ -1492,10 +1466,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 @torch.no_grad()
 def predict(args, device: torch.device) -> None:
-    """Predicts every task for image files or folders of them. Writes per image and task a PNG picture and
-    the raw values (.npy: class ids int64, depth metres, unit normals, saliency probability), at the image's
-    own size, named after the image's stem, with _1, _2, ... for a stem met before (a/x.png, b/x.png). An
-    unreadable image is reported by name at the end; the others are still written."""
+    """Writes per image and task a PNG picture and the raw values (.npy: class ids int64, depth metres, unit
+    normals, saliency probability) at the image's own size, named after its stem (_1, _2, ... for a stem met
+    before: a/x.png, b/x.png). Unreadable images are reported by name at the end; the others are still written."""
     paths = []
     for p in map(Path, args.predict):
         if not p.exists():
@@ -1653,6 +1626,7 @@ def benchmark(args, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     peak_tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     achieved = train_flops * B / train_time / 1e12
+    mfu = achieved / peak_tflops if cuda and peak_tflops else None
     result = dict(device=name, dataset=args.dataset, img_size=list(args.img_size), batch_size=B,
                   amp=bool(args.amp) and bf16_ready(device), compile=bool(args.compile), channels_last=channels_last,
                   naive_attention=bool(args.naive_attention), params_m=sum(p.numel() for p in model.parameters()) / 1e6,
@@ -1660,8 +1634,7 @@ def benchmark(args, device: torch.device) -> dict:
                   train_img_per_s=B / train_time, eval_img_per_s=B / eval_time, peak_memory_gib=peak,
                   peak_memory_kind="CUDA max allocated" if cuda else "process peak RSS",
                   train_gflops_per_img=train_flops / 1e9, eval_gflops_per_img=eval_flops / 1e9,
-                  achieved_tflops=achieved if cuda else None, mfu=achieved / peak_tflops if cuda and peak_tflops else None,
-                  peak_bf16_tflops=peak_tflops if cuda else None)
+                  achieved_tflops=achieved if cuda else None, mfu=mfu, peak_bf16_tflops=peak_tflops if cuda else None)
     rows = [("device", name), ("input", f"{B} x 3 x {H} x {W}, amp {result['amp']}, compile {result['compile']}"),
             ("parameters", f"{result['params_m']:.2f} M"),
             ("first step", f"{first_step_s:.1f} s" + (" (compilation included)" if args.compile else "")
@@ -1671,7 +1644,7 @@ def benchmark(args, device: torch.device) -> dict:
             ("peak memory", f"{peak:.2f} GiB ({result['peak_memory_kind']})"),
             ("GFLOPs / img", f"train step {train_flops / 1e9:.1f}, eval forward {eval_flops / 1e9:.1f}"),
             ("achieved", f"{achieved:.1f} TFLOP/s" if cuda else "n/a (CPU)"),
-            ("MFU", f"{100 * result['mfu']:.1f} % of {peak_tflops:.0f} TFLOP/s bf16 dense" if result["mfu"] else "n/a")]
+            ("MFU", f"{100 * mfu:.1f} % of {peak_tflops:.0f} TFLOP/s bf16 dense" if mfu else "n/a")]
     print("\n".join(f"{k:<14} {v}" for k, v in rows), flush=True)
     if args.benchmark_json:
         Path(args.benchmark_json).write_text(json.dumps(result, indent=2))
@@ -1681,11 +1654,6 @@ def benchmark(args, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Summaries of several runs: one Markdown table over seeds, with Delta_m (issue 14)
 
-def _defaults(dataset: str) -> dict:
-    """The config.json of a run given no flag but --dataset: what a configuration's name is relative to."""
-    return vars(fill_defaults(get_args(["--dataset", dataset])[0]))
-
-
 def _config_name(config: dict, defaults: dict) -> str:
     """The flags that set what is trained to other than the defaults, as typed ('--no-cfm', '--balancer uw');
     'full' when none do. How a run is run (RUNTIME_FLAGS), its seed and its --baselines do not count."""
@@ -1694,11 +1662,10 @@ def _config_name(config: dict, defaults: dict) -> str:
         value = config.get(key, default)  # a flag newer than the run: the run had its default
         if key in RUNTIME_FLAGS or key in ("seed", "baselines") or value == default:
             continue
-        flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
+            flags.append(flag(key) if value else "--no-" + flag(key)[2:])
         else:
-            flags.append(" ".join([flag, *map(str, value if isinstance(value, list) else [value])]))
+            flags.append(" ".join([flag(key), *map(str, value if isinstance(value, list) else [value])]))
     return " ".join(flags) or "full"
 
 
@@ -1718,10 +1685,9 @@ def _mean_std(values: list[float], decimals: int, sign: str = "") -> str:
 
 
 def summarize(folders: list[str]) -> str:
-    """Prints one Markdown table of finished runs (their config.json and metrics.json): a row per configuration,
-    the runs that differ only in --seed together; per task its headline metric (HEADLINE) as mean ± std over
-    the seeds, the number of seeds, and Delta_m (SPEC 4) per seed, then mean ± std. The baselines are the
-    single-task runs among the folders (--tasks T, otherwise the defaults), each task's seed-mean."""
+    """Prints one Markdown table of finished runs (config.json, metrics.json): a row per configuration (runs that
+    differ only in --seed together), per task its HEADLINE metric as mean ± std over seeds, the seed count, and
+    Delta_m (SPEC 4) per seed, then mean ± std, against the seed-means of the single-task runs among the folders."""
     groups, dataset, defaults = {}, None, None  # configuration name -> seed -> (folder, metrics)
     for folder in folders:
         metrics, config = _read_json(Path(folder) / "metrics.json"), _read_json(Path(folder) / "config.json")
@@ -1732,7 +1698,8 @@ def summarize(folders: list[str]) -> str:
         if dataset not in (None, run_dataset):
             raise UserError(f"--summarize: {folder} is a {run_dataset} run, the runs before it {dataset} runs: "
                             "summarize one dataset at a time")
-        dataset, defaults = run_dataset, defaults or _defaults(run_dataset)
+        # what a configuration's name is relative to: the config.json of a run given no flag but --dataset
+        dataset, defaults = run_dataset, defaults or vars(fill_defaults(get_args(["--dataset", run_dataset])[0]))
         seeds = groups.setdefault(_config_name(config, defaults), {})
         if seed in seeds:
             raise UserError(f"--summarize: {seeds[seed][0]} and {folder} are the same configuration with the "
@@ -1809,7 +1776,8 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
     g.add_argument("--tasks", nargs="+", help="subset of the dataset's tasks, e.g. one task for a single-task "
                    "baseline (default: all of DATASETS[dataset]['tasks'])")
     g.add_argument("--workers", type=non_negative_int, help="data-loading processes per rank (default: 8 on CUDA, "
-                   "capped by the cores per rank; 0 on CPU, where workers slow training: 9.6 vs 12.6 img/s on 2 cores, toy)")
+                   "capped by the cores per rank; 0 on CPU, where workers slow training: 9.6 vs 12.6 img/s on 2 "
+                   "cores, toy)")
     g = p.add_argument_group("model (SPEC 2)")
     g.add_argument("--backbone", help="timm model name (default: Swin-S in22k-ft-1k for nyud/pascal, SPEC 2.1; "
                    "resnet18 for toy)")
@@ -1817,7 +1785,8 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
                    "weights, from its local cache, never downloaded at run time (default: on for nyud/pascal as in "
                    "the paper, off for toy)")
     g.add_argument("--weights", help="local timm state dict for the backbone, loaded strictly")
-    g.add_argument("--dim", type=positive_int, help="D, width of neck, decoders and heads (default: 256 per SPEC 2; toy 32)")
+    g.add_argument("--dim", type=positive_int, help="D, width of neck, decoders and heads (default: 256 per SPEC 2; "
+                   "toy 32)")
     g.add_argument("--img-size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="training / inference size (default: 480 640 nyud, 512 512 pascal per SPEC 1.3; toy 96 128)")
     g.add_argument("--no-cfm", action="store_true", help="ablation: no Coherence Fusion Module")
@@ -1842,7 +1811,8 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
                    "(SPEC 5) and on CPUs with native bf16 (AVX-512 BF16 / AMX: 1.26x faster toy step, 3.6x faster "
                    "NYUD step, README: performance); --no-amp for fp32 everywhere")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass "
-                   "(backbone stages, decoders, CFMs, trace-backs): same gradients, less memory, slower (README: performance)")
+                   "(backbone stages, decoders, CFMs, trace-backs): same gradients, less memory, slower (README: "
+                   "performance)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format on CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (off: on a 2-core CPU the toy "
@@ -1870,7 +1840,8 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
     g.add_argument("--benchmark-steps", type=positive_int, default=5, help="timed steps")
     g.add_argument("--benchmark-warmup", type=non_negative_int, default=2, help="untimed warm-up steps")
     g.add_argument("--benchmark-json", metavar="PATH", help="also write the numbers as JSON")
-    g.add_argument("--peak-tflops", type=positive_float, help="device bf16 dense peak for MFU (default: from the GPU's name)")
+    g.add_argument("--peak-tflops", type=positive_float, help="device bf16 dense peak for MFU (default: from the GPU's "
+                   "name)")
     g.add_argument("--naive-attention", action="store_true", help=argparse.SUPPRESS)  # memory comparison only
     g = p.add_argument_group("summaries of several runs")
     g.add_argument("--summarize", nargs="+", metavar="RUN_DIR", help="print one Markdown table of finished runs: "

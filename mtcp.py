@@ -92,8 +92,7 @@ class CBAM(nn.Module):
         reduction: channel reduction of the shared MLP.
         kernel_size: size of the spatial gate's convolution.
 
-    Shapes: (B, C, H, W) -> (B, C, H, W).
-    """
+    Shapes: (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, *, channels: int, reduction: int = 16, kernel_size: int = 7):
         super().__init__()
@@ -119,8 +118,7 @@ class FPN(nn.Module):
         in_channels: channels of each input level, finest first.
         dim: output channels D.
 
-    Shapes: list of (B, C_i, H_i, W_i), finest first -> (B, D, H_0, W_0).
-    """
+    Shapes: list of (B, C_i, H_i, W_i), finest first -> (B, D, H_0, W_0)."""
 
     def __init__(self, *, in_channels: list[int], dim: int):
         super().__init__()
@@ -138,8 +136,7 @@ class Head(nn.Sequential):
     """Prediction head (SPEC 2.4): 1x1 conv, BN, ReLU, 1x1 conv to the task's channels.
 
     Outputs are raw: logits for semseg / human_parts / sal, metres for depth, unnormalised 3-vectors for
-    normals (normalised in the loss and the metric). Shapes: (B, D, h, w) -> (B, out_channels, h, w).
-    """
+    normals (normalised in the loss and the metric). Shapes: (B, D, h, w) -> (B, out_channels, h, w)."""
 
     def __init__(self, *, dim: int, out_channels: int):
         super().__init__(nn.Conv2d(dim, dim, 1, bias=False), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
@@ -188,8 +185,7 @@ class Backbone(nn.Module):
         pretrained: load timm's pretrained weights (from its local cache: main() forbids downloads).
         weights: path of a local timm state dict to load instead, strictly.
 
-    Shapes: (B, 3, H, W) -> (B, D, H/4, W/4).
-    """
+    Shapes: (B, 3, H, W) -> (B, D, H/4, W/4)."""
 
     def __init__(self, *, name: str, dim: int, img_size: tuple[int, int], pretrained: bool = False,
                  weights: str | None = None):
@@ -238,8 +234,7 @@ class TaskDecoder(nn.Module):
         depths, num_heads, window_size: the Swin stages' shape.
 
     Shapes: R (B, D, H/4, W/4) -> ([D1 (B, D, H/4, W/4), D2 (B, 2D, H/8, W/8), D3 (B, 4D, H/16, W/16)],
-        X (B, D, H/4, W/4)).
-    """
+        X (B, D, H/4, W/4))."""
 
     def __init__(self, *, dim: int, feat_size: tuple[int, int], depths: tuple[int, ...] = (1, 2, 1),
                  num_heads: int = 2, window_size: int = 7):
@@ -275,8 +270,7 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, naive
     SDPA gives the same result in O(N) memory. On CPU its flash kernel needs v as wide as q, so v is zero-padded
     and the output sliced (SPEC 2.2: +0.31 GB instead of +4.35 GB). `naive=True`: the materialised reference.
 
-    Shapes: q, k (B, N, Dq); v (B, N, Dv) -> (B, N, Dv).
-    """
+    Shapes: q, k (B, N, Dq); v (B, N, Dv) -> (B, N, Dv)."""
     if naive:
         return torch.softmax(q @ k.transpose(1, 2), dim=-1) @ v  # (B, N, N) @ (B, N, Dv)
     dv = v.shape[-1]
@@ -307,8 +301,7 @@ class CoherenceFusion(nn.Module):
         num_aux: number of other tasks (>= 1).
         qk_dim: width of Q and K (default D; (T-1)*D is the released code's).
 
-    Shapes: x (B, D, h, w), others: num_aux x (B, D, h, w) -> (B, D, h, w).
-    """
+    Shapes: x (B, D, h, w), others: num_aux x (B, D, h, w) -> (B, D, h, w)."""
 
     def __init__(self, *, dim: int, num_aux: int, qk_dim: int | None = None):
         super().__init__()
@@ -347,8 +340,7 @@ class SpatialRefinement(nn.Module):
         dim: D, channels of p_out.
         carry: whether b_out is computed (the last SRM's is never used, and DDP wants no unused parameters).
 
-    Shapes: p (B, C_p, h_p, w_p), b (B, C_b, h_b, w_b) -> p_out (B, D, h_b, w_b), b_out (B, C_b, h_b, w_b) or None.
-    """
+    Shapes: p (B, C_p, h_p, w_p), b (B, C_b, h_b, w_b) -> p_out (B, D, h_b, w_b), b_out (B, C_b, h_b, w_b) or None."""
 
     def __init__(self, *, p_channels: int, b_channels: int, dim: int, carry: bool = True):
         super().__init__()
@@ -377,8 +369,7 @@ class TraceBack(nn.Module):
         dim: D; the decoder stages are D, 2D, 4D wide.
 
     Shapes: c (B, D, H/4, W/4), feats [D1, D2, D3] of TaskDecoder -> [p1 (B, D, H/16, W/16),
-        p2 (B, D, H/8, W/8), p3 (B, D, H/4, W/4)].
-    """
+        p2 (B, D, H/8, W/8), p3 (B, D, H/4, W/4)]."""
 
     def __init__(self, *, dim: int):
         super().__init__()
@@ -431,8 +422,7 @@ class MTCP(nn.Module):
         traceback: use the trace-back (False: the CFM head is the final output and aux is empty; ablation).
 
     Shapes: x (B, 3, H, W), ImageNet-normalised -> (preds, aux): preds[task] (B, C_task, H, W) the final
-        prediction; aux[task] the list [initial, intermediate1, intermediate2], each (B, C_task, H, W).
-    """
+        prediction; aux[task] the list [initial, intermediate1, intermediate2], each (B, C_task, H, W)."""
 
     def __init__(self, num_outputs: dict[str, int], *, backbone: str = "swin_small_patch4_window7_224.ms_in22k_ft_in1k",
                  pretrained: bool = False, weights: str | None = None, dim: int = 256,
@@ -555,14 +545,12 @@ def task_loss(task: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 def multi_task_losses(preds: Mapping[str, torch.Tensor], aux: Mapping[str, Sequence[torch.Tensor]],
                       targets: Mapping[str, torch.Tensor], aux_weight: float = 0.5) -> dict[str, torch.Tensor]:
-    """Per-task training loss with deep supervision of the trace-back outputs (SPEC 3):
-    L_t = loss(final) + aux_weight * sum_i loss(aux_i), aux_weight 0.5 per auxiliary output, as the released
-    code weights its intermediate outputs (it adds their sum / 2).
+    """Per-task training loss with deep supervision of the trace-back outputs (SPEC 3); aux_weight 0.5 per
+    auxiliary output, as the released code weights its intermediate outputs (it adds their sum / 2).
 
     Args:
         preds: task -> final prediction. aux: task -> auxiliary predictions (initial, intermediate 1 and 2;
-            may be empty). targets: task -> ground truth. All at the target resolution.
-    """
+            may be empty). targets: task -> ground truth. All at the target resolution."""
     losses = {}
     for task, pred in preds.items():
         # L_t = loss(final) + aux_weight * sum_i loss(aux_i)
@@ -646,10 +634,8 @@ class EqualWeighting(TaskBalancer):
 
 
 class UncertaintyWeighting(TaskBalancer):
-    """Homoscedastic uncertainty weighting, Kendall, Gal & Cipolla, CVPR 2018.
-
-    Learns s_t = log sigma_t^2 (init 0); give `parameters()` to the optimizer. `weights` reports exp(-s_t).
-    """
+    """Homoscedastic uncertainty weighting, Kendall, Gal & Cipolla, CVPR 2018. Learns s_t = log sigma_t^2
+    (init 0); give `parameters()` to the optimizer. `weights` reports exp(-s_t)."""
 
     def __init__(self, *, tasks: Sequence[str]):
         super().__init__(tasks=tasks)
@@ -669,8 +655,7 @@ class DynamicWeightAverage(TaskBalancer):
     """Dynamic Weight Average, Liu, Johns & Davison, CVPR 2019 ("End-to-End Multi-Task Learning with Attention").
 
     Args:
-        tasks: task names. temperature: softens the weights (2 in the paper).
-    """
+        tasks: task names. temperature: softens the weights (2 in the paper)."""
 
     def __init__(self, *, tasks: Sequence[str], temperature: float = 2.0):
         super().__init__(tasks=tasks)
@@ -693,8 +678,7 @@ class LossPrioritization(TaskBalancer):
     The paper's equations could not be read: this is the project's DECIDED reconstruction, SPEC 3 steps 1-5.
     Args:
         tasks: task names. spread: k, how far the weights are pushed from their mean (7.5 NYUD, 1.6 PASCAL).
-        floor: smallest weight a task can get.
-    """
+        floor: smallest weight a task can get."""
 
     def __init__(self, *, tasks: Sequence[str], spread: float = 7.5, floor: float = 0.1):
         super().__init__(tasks=tasks)
@@ -926,9 +910,8 @@ def delta_m(results: Mapping[str, Mapping[str, float]], baselines: Mapping[str, 
 def bf16_ready(device: torch.device) -> bool:
     """Whether bf16 is fast here: any CUDA GPU, or a CPU with native bf16 (AVX-512 BF16 or AMX). Without
     them, CPU bf16 is emulated and slower than fp32."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return device.type == "cuda" or device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported()
+                                                              or torch.cpu._is_amx_tile_supported())
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -985,8 +968,7 @@ def colorize(task: str, value: np.ndarray, *, depth_range: tuple[float, float] =
 
     Args:
         value: class ids (H, W), 255 = ignore, drawn grey; depth (1, H, W) metres, 0 = invalid, drawn black;
-            normals (3, H, W) unit vectors, drawn as (n + 1) / 2; saliency (1, H, W) probability, grey.
-    """
+            normals (3, H, W) unit vectors, drawn as (n + 1) / 2; saliency (1, H, W) probability, grey."""
     if task in ("semseg", "human_parts"):
         rgb = data.voc_palette()[np.clip(value, 0, 255).astype(np.uint8)]
         rgb[value == 255] = 128
@@ -1017,17 +999,6 @@ def to_numpy(task: str, pred: torch.Tensor) -> np.ndarray:
     if task == "sal":
         return torch.sigmoid(pred).cpu().numpy()
     return pred.cpu().numpy()
-
-
-def save_grid(path: Path, rows: list[list[np.ndarray]]) -> None:
-    """Writes rows of equally sized H x W x 3 pictures as one PNG, 4 px apart."""
-    h, w = rows[0][0].shape[:2]
-    cols = max(len(r) for r in rows)
-    canvas = np.full((len(rows) * (h + 4), cols * (w + 4), 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, pic in enumerate(row):
-            canvas[i * (h + 4):i * (h + 4) + h, j * (w + 4):j * (w + 4) + w] = pic
-    Image.fromarray(canvas).save(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1066,7 +1037,8 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int
 
 @torch.no_grad()
 def save_visuals(model: nn.Module, dataset, out_dir: Path, *, device: torch.device, amp: bool, count: int = 4) -> None:
-    """One PNG per validation image: a row per task with the image, the ground truth and the prediction."""
+    """One PNG per validation image: a row per task with the image, the ground truth and the prediction, each
+    H x W x 3 with a 4 px white margin on the right and below."""
     model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
@@ -1079,8 +1051,9 @@ def save_visuals(model: nn.Module, dataset, out_dir: Path, *, device: torch.devi
             target = sample[t].numpy()
             image = resize_to(sample["image"][None], target.shape[-2:])[0].cpu() * std + mean  # (3, H, W) in [0, 1]
             image = (image.permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)  # (H, W, 3)
-            rows.append([image, colorize(t, target), colorize(t, to_numpy(t, resize_to(pred, target.shape[-2:])[0]))])
-        save_grid(out_dir / f"{sample['meta']['id']}.png", rows)
+            pics = [image, colorize(t, target), colorize(t, to_numpy(t, resize_to(pred, target.shape[-2:])[0]))]
+            rows.append(np.concatenate([np.pad(p, ((0, 4), (0, 4), (0, 0)), constant_values=255) for p in pics], 1))
+        Image.fromarray(np.concatenate(rows)).save(out_dir / f"{sample['meta']['id']}.png")
 
 
 def constant_predictions(train_set) -> dict[str, torch.Tensor]:
@@ -1511,19 +1484,18 @@ def predict(args, device: torch.device) -> None:
                 failed.append(f"{path}: {e}")
         if not images:
             continue
-        size = images[0].shape[:2]
         x = torch.stack([data.to_input(im, model.img_size, mean, std) for im in images]).to(device)  # (B, 3, H, W)
         with autocast(device, args.amp):
             preds, _ = model(x)
         for t, pred in preds.items():
-            pred = resize_to(pred, size)  # (B, C, h, w) at the image's own size
+            pred = resize_to(pred, images[0].shape[:2])  # (B, C, h, w) at the images' own size
             for path, p in zip(names, pred):
                 value = to_numpy(t, p)
                 np.save(out_dir / f"{stems[path]}_{t}.npy", value)
                 Image.fromarray(colorize(t, value)).save(out_dir / f"{stems[path]}_{t}.png")
         done += len(names)
-        rate = done / (time.perf_counter() - start)
-        print(f"predicted {done}/{len(paths)} images ({rate:.1f} img/s) -> {out_dir}", flush=True)
+        print(f"predicted {done}/{len(paths)} images ({done / (time.perf_counter() - start):.1f} img/s) -> {out_dir}",
+              flush=True)
     if failed:
         raise UserError("could not read " + str(len(failed)) + " image(s):\n  " + "\n  ".join(failed))
 
@@ -1866,8 +1838,7 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.eval_batch_size is None:
-        args.eval_batch_size = args.batch_size
+    args.eval_batch_size = args.eval_batch_size or args.batch_size  # > 0 when given
     unknown = set(args.tasks) - set(d["tasks"])
     if unknown:
         raise UserError(f"--tasks: {sorted(unknown)} are not tasks of {args.dataset} ({list(d['tasks'])})")
@@ -1879,12 +1850,11 @@ RUNTIME_FLAGS = ("resume", "out_dir", "workers", "device", "log_every", "eval_ev
                  "grad_checkpointing", "launch")
 
 
-def resume_after_restart(args: argparse.Namespace) -> None:
+def resume_after_restart(args: argparse.Namespace, path: Path) -> None:
     """Under `torchrun --max-restarts N`, a worker that dies makes torchrun restart every worker with the same
     command. A restarted worker (TORCHELASTIC_RESTART_COUNT > 0) continues from <out-dir>/checkpoint.pt, as
     --resume does, when that checkpoint was written by the same job (torchrun run id) and command line."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
     if not restart or args.resume or args.eval_only or args.predict or args.benchmark or not path.is_file():
         return
     saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: reads args, not weights
@@ -1913,9 +1883,9 @@ def main(argv: list[str] | None = None):
     # No network at run time: timm may read pretrained weights from its cache, never download them.
     import huggingface_hub.constants
     huggingface_hub.constants.HF_HUB_OFFLINE = True
-    resume_after_restart(args)
+    path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
+    resume_after_restart(args, path)
     if args.resume:
-        path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
         saved = read_checkpoint(path, "--resume")["args"]
         changed = sorted(k for k in given - set(RUNTIME_FLAGS) if getattr(args, k) != saved.get(k))
         if changed:  # a repeated command is fine, a different value would be silently ignored
@@ -1928,7 +1898,6 @@ def main(argv: list[str] | None = None):
         raise UserError(f"--eval-only takes the dataset, tasks and model from {args.eval_only}; it does not use "
                         + ", ".join(map(flag, sorted(given - set(EVAL_FLAGS)))))
     ddp, rank, local_rank, world, device = setup_distributed(args.device)
-    master = rank == 0
     if args.workers is None:  # on CPU, worker processes compete with torch's threads for the same cores
         args.workers = min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if device.type == "cuda" else 0
     try:
@@ -1940,10 +1909,10 @@ def main(argv: list[str] | None = None):
             out_dir = Path(args.out_dir or Path(args.eval_only).parent / "eval")
             args.dataset, args.tasks, args.img_size = saved["dataset"], saved["tasks"], saved["img_size"]
             args.data_root = args.data_root or saved["data_root"]
-            _, val_set = build_datasets(fill_defaults(args), master=master, training=False)
+            _, val_set = build_datasets(fill_defaults(args), master=rank == 0, training=False)
             results = evaluate(model, val_set, device=device, batch_size=args.eval_batch_size, workers=args.workers,
                                amp=args.amp, rank=rank, world=world)
-            if master:
+            if rank == 0:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 write_metrics(out_dir / "metrics.json", args, results, epoch=checkpoint["epoch"])
             return results

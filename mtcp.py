@@ -1831,10 +1831,9 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
 def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Flags left at None take the dataset's defaults (DATASETS)."""
     d = DATASETS[args.dataset]
-    defaults = dict(data_root=d["data_root"], tasks=list(d["tasks"]),
-                    pretrained=args.dataset != "toy" and not args.weights,
-                    backbone=d["backbone"], dim=d["dim"], img_size=list(d["img_size"]), epochs=d["epochs"],
-                    batch_size=d["batch_size"], lr=d["lr"], lps_spread=d["lps_spread"], out_dir=f"runs/{args.dataset}")
+    defaults = {k: d[k] for k in ("data_root", "backbone", "dim", "epochs", "batch_size", "lr", "lps_spread")}
+    defaults.update(tasks=list(d["tasks"]), img_size=list(d["img_size"]), out_dir=f"runs/{args.dataset}",
+                    pretrained=args.dataset != "toy" and not args.weights)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -1549,7 +1549,8 @@ def benchmark(args, device: torch.device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if update:
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            if args.clip_grad > 0:  # as train(): 0 turns clipping off (clip_grad_norm_ to 0 would zero the gradients)
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
         return total.item()
 

@@ -1781,7 +1781,7 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
     g.add_argument("--aux-weight", type=non_negative_float, default=0.5,
                    help="weight of each auxiliary output's loss (initial and intermediate; SPEC 3, as released)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA "
-                   "(SPEC 5) and on CPUs with native bf16 (AVX-512 BF16 / AMX: 1.26x faster toy step, 3.6x faster "
+                   "(SPEC 5) and on CPUs with native bf16 (AVX-512 BF16 / AMX: 1.30x faster toy step, 3.6x faster "
                    "NYUD step, README: performance); --no-amp for fp32 everywhere")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass "
                    "(backbone stages, decoders, CFMs, trace-backs): same gradients, less memory, slower (README: "

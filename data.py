@@ -65,21 +65,21 @@ def _read(path, mode=None):
 def _human_parts(path, hw):
     """SPEC 1.2: paint PASCAL-Part person parts, objects then parts in file order, later wins.
 
-    Returns (H, W) uint8 in 0..6, or all 255 when no person object has a part list (no supervision)."""
+    Returns (H, W) uint8 in 0..6, or all 255 when no part pixel gets painted (no supervision)."""
     try:
         objects = scipy.io.loadmat(path)["anno"][0][0][1]
         parts = [(str(p[0][0]), p[1].astype(bool)) for o in (objects[0] if objects.size else ())
                  if int(np.squeeze(o[1])) == PERSON and o[3].size for p in o[3][0]]
     except Exception as e:
         raise DataError(f"cannot read {path} as a PASCAL-Part struct: {e}") from e
-    target = np.full(hw, 255 if not parts else 0, np.uint8)
+    target, painted = np.zeros(hw, np.uint8), False
     for name, mask in parts:
         if mask.shape != hw:
             raise DataError(f"{path}: label size {mask.shape[0]}x{mask.shape[1]} does not match image size "
                             f"{hw[0]}x{hw[1]}")
-        if name in PART_ID:
-            target[mask] = PART_ID[name]
-    return target
+        if name in PART_ID and mask.any():
+            target[mask], painted = PART_ID[name], True
+    return target if painted else np.full(hw, 255, np.uint8)
 
 
 def augment(img, targets, size, flip=False, angle=0.0, scale=1.0):
@@ -99,8 +99,8 @@ def augment(img, targets, size, flip=False, angle=0.0, scale=1.0):
     def warp(plane, resample, fill):
         im = Image.fromarray(np.ascontiguousarray(plane))
         return np.array(im.transform((W, H), Image.Transform.AFFINE, coeffs, resample, fillcolor=fill))
-    # NOTE(repro): PIL's bicubic (a = -0.5) where the released code uses OpenCV's (a = -0.75); the rotation's
-    # border is black in both.
+    # NOTE(repro): PIL's affine bicubic (a = -1; its resize() would use a = -0.5) where the released code uses
+    # OpenCV's (a = -0.75); the rotation's border is black in both.
     img = warp(img, Image.Resampling.BICUBIC, (0, 0, 0))
     out = {}
     for task, arr in targets.items():

@@ -1629,9 +1629,9 @@ def benchmark(args, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Summaries of several runs: one Markdown table over seeds, with Delta_m (issue 14)
 
-def _config_name(config: dict, defaults: dict) -> str:
-    """The flags that set what is trained to other than the defaults, as typed ('--no-cfm', '--balancer uw');
-    'full' when none do. How a run is run (RUNTIME_FLAGS), its seed and its --baselines do not count."""
+def _config_flags(config: dict, defaults: dict) -> tuple[str, ...]:
+    """The flags that set what is trained to other than the defaults, as typed ('--no-cfm', '--balancer uw').
+    How a run is run (RUNTIME_FLAGS), its seed and its --baselines do not count."""
     flags = []
     for key, default in defaults.items():
         value = config.get(key, default)  # a flag newer than the run: the run had its default
@@ -1641,7 +1641,7 @@ def _config_name(config: dict, defaults: dict) -> str:
             flags.append(flag(key) if value else "--no-" + flag(key)[2:])
         else:
             flags.append(" ".join([flag(key), *map(str, value if isinstance(value, list) else [value])]))
-    return " ".join(flags) or "full"
+    return tuple(flags)
 
 
 def _read_json(path: Path) -> dict:
@@ -1662,8 +1662,10 @@ def _mean_std(values: list[float], decimals: int, sign: str = "") -> str:
 def summarize(folders: list[str]) -> str:
     """Prints one Markdown table of finished runs (config.json, metrics.json): a row per configuration (runs that
     differ only in --seed together), per task its HEADLINE metric as mean ± std over seeds, the seed count, and
-    Delta_m (SPEC 4) per seed, then mean ± std, against the seed-means of the single-task runs among the folders."""
-    groups, dataset, defaults = {}, None, None  # configuration name -> seed -> (folder, metrics)
+    Delta_m (SPEC 4) per seed, then mean ± std, against the seed-means of the single-task runs among the folders.
+    A configuration is named by its flags ('full' for none) less those every run shares (e.g. an ablation run at
+    --no-amp), which the table's header line lists."""
+    runs_read, dataset, defaults = [], None, None  # (folder, seed, metrics, flags)
     for folder in folders:
         metrics, config = _read_json(Path(folder) / "metrics.json"), _read_json(Path(folder) / "config.json")
         try:
@@ -1675,7 +1677,12 @@ def summarize(folders: list[str]) -> str:
                             "summarize one dataset at a time")
         # what a configuration's name is relative to: the config.json of a run given no flag but --dataset
         dataset, defaults = run_dataset, defaults or vars(fill_defaults(get_args(["--dataset", run_dataset])[0]))
-        seeds = groups.setdefault(_config_name(config, defaults), {})
+        runs_read.append((folder, seed, results, _config_flags(config, defaults)))
+    shared = set.intersection(*(set(flags) for *_, flags in runs_read)) if runs_read else set()
+    shared = {f for f in shared if not f.startswith("--tasks")}  # the single-task runs keep their names
+    groups = {}  # configuration name -> seed -> (folder, metrics)
+    for folder, seed, results, flags in runs_read:
+        seeds = groups.setdefault(" ".join(f for f in flags if f not in shared) or "full", {})
         if seed in seeds:
             raise UserError(f"--summarize: {seeds[seed][0]} and {folder} are the same configuration with the "
                             f"same seed {seed}; give one of them")
@@ -1701,7 +1708,8 @@ def summarize(folders: list[str]) -> str:
     lines.append("\nMean ± sample std over seeds; Delta_m per seed against the seed-means of the single-task rows.")
     if lacking:
         lines.append(f"Delta_m –: no single-task run of {', '.join(sorted(lacking))} among these folders.")
-    text = f"Read {len(folders)} runs ({dataset}): {', '.join(map(str, folders))}\n\n" + "\n".join(lines)
+    common = f"; every run with {' '.join(sorted(shared))}" if shared else ""
+    text = f"Read {len(folders)} runs ({dataset}{common}): {', '.join(map(str, folders))}\n\n" + "\n".join(lines)
     print(text, flush=True)
     return text
 

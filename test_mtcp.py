@@ -1110,6 +1110,14 @@ def test_summarize_groups_seeds_and_computes_delta_m(tmp_path, capsys):
     write_run(tmp_path / "again", [], 1, {"semseg": {"mIoU": 1.0}})
     with pytest.raises(mtcp.UserError, match="same configuration with the same seed 1"):
         mtcp.summarize([*folders, str(tmp_path / "again")])
+    # an ablation run at a shared non-default flag: named without it, and its single-task runs still baselines
+    fp32 = [run(f"fp32_{name}", [*flags, "--no-amp"], 0, **values) for name, flags, values in (
+        ("full", [], dict(semseg=51, depth=0.49, normals=19.6)), ("semseg", single["semseg"], dict(semseg=50)),
+        ("depth", single["depth"], dict(depth=0.5)), ("normals", single["normals"], dict(normals=20)))]
+    out = mtcp.summarize(fp32)
+    assert out.startswith("Read 4 runs (toy; every run with --no-amp): ")
+    assert "| full | 51.00 ± – | 0.4900 ± – | 19.60 ± – | 1 | +2.00 ± – |" in out  # as full s0 above
+    assert "| --tasks depth |  | 0.5000 ± – |  | 1 | – |" in out
 
 
 def test_summarize_reports_a_folder_without_metrics(tmp_path, capsys):

@@ -1678,8 +1678,8 @@ def summarize(folders: list[str]) -> str:
         # what a configuration's name is relative to: the config.json of a run given no flag but --dataset
         dataset, defaults = run_dataset, defaults or vars(fill_defaults(get_args(["--dataset", run_dataset])[0]))
         runs_read.append((folder, seed, results, _config_flags(config, defaults)))
-    shared = set.intersection(*(set(flags) for *_, flags in runs_read)) if runs_read else set()
-    shared = {f for f in shared if not f.startswith("--tasks")}  # the single-task runs keep their names
+    # the flags of every run, but --tasks: the single-task runs keep their names
+    shared = {f for f in set.intersection(*(set(flags) for *_, flags in runs_read)) if not f.startswith("--tasks")}
     groups = {}  # configuration name -> seed -> (folder, metrics)
     for folder, seed, results, flags in runs_read:
         seeds = groups.setdefault(" ".join(f for f in flags if f not in shared) or "full", {})

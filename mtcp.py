@@ -1664,7 +1664,7 @@ def summarize(folders: list[str]) -> str:
     differ only in --seed together), per task its HEADLINE metric as mean ± std over seeds, the seed count, and
     Delta_m (SPEC 4) per seed, then mean ± std, against the seed-means of the single-task runs among the folders.
     A configuration is named by its flags ('full' for none) less those every run shares (e.g. an ablation run at
-    --no-amp), which the table's header line lists."""
+    --no-amp), which the first line of the output lists."""
     runs_read, dataset, defaults = [], None, None  # (folder, seed, metrics, flags)
     for folder in folders:
         metrics, config = _read_json(Path(folder) / "metrics.json"), _read_json(Path(folder) / "config.json")

@@ -420,13 +420,15 @@ class MTCP(nn.Module):
         img_size: (H, W) of the inputs, any size: zero-padded inside to a multiple of the stride, outputs cropped.
         cfm: use the CFM (False: C_t = X_t; ablation).
         traceback: use the trace-back (False: the CFM head is the final output and aux is empty; ablation).
+        cfm_qk_dim: width of the CFM's Q and K (default D; (T-1)*D is the released code's).
 
     Shapes: x (B, 3, H, W), ImageNet-normalised -> (preds, aux): preds[task] (B, C_task, H, W) the final
         prediction; aux[task] the list [initial, intermediate1, intermediate2], each (B, C_task, H, W)."""
 
     def __init__(self, num_outputs: dict[str, int], *, backbone: str = "swin_small_patch4_window7_224.ms_in22k_ft_in1k",
                  pretrained: bool = False, weights: str | None = None, dim: int = 256,
-                 img_size: tuple[int, int] = (480, 640), cfm: bool = True, traceback: bool = True):
+                 img_size: tuple[int, int] = (480, 640), cfm: bool = True, traceback: bool = True,
+                 cfm_qk_dim: int | None = None):
         super().__init__()
         self.tasks = list(num_outputs)
         self.img_size = tuple(img_size)
@@ -439,7 +441,7 @@ class MTCP(nn.Module):
         feat_size = (self.padded_size[0] // 4, self.padded_size[1] // 4)
         self.decoders = nn.ModuleDict({t: TaskDecoder(dim=dim, feat_size=feat_size) for t in self.tasks})
         use_cfm = cfm and len(self.tasks) > 1
-        self.cfm = nn.ModuleDict({t: CoherenceFusion(dim=dim, num_aux=len(self.tasks) - 1)
+        self.cfm = nn.ModuleDict({t: CoherenceFusion(dim=dim, num_aux=len(self.tasks) - 1, qk_dim=cfm_qk_dim)
                                   for t in self.tasks}) if use_cfm else None
         self.traceback = nn.ModuleDict({t: TraceBack(dim=dim) for t in self.tasks}) if traceback else None
         # heads: initial (from C_t), then with the trace-back intermediate 1, 2 (p1, p2) and final (p3)
@@ -1188,7 +1190,8 @@ def build_model(args, num_outputs: dict[str, int]) -> MTCP:
                         if close else "") + " (all: python -c \"import timm; print(timm.list_models('*resnet*'))\")")
     try:
         model = MTCP(num_outputs, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, dim=args.dim,
-                     img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback)
+                     img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback,
+                     cfm_qk_dim=(len(num_outputs) - 1) * args.dim if getattr(args, "cfm_released_width", False) else None)
     except FileNotFoundError as e:  # pretrained weights not in timm's cache (Backbone): the same on every rank
         raise UserError(str(e)) from None
     model.set_grad_checkpointing(getattr(args, "grad_checkpointing", False))  # absent from older checkpoints' args
@@ -1774,6 +1777,8 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
                    help="training / inference size (default: 480 640 nyud, 512 512 pascal per SPEC 1.3; toy 96 128)")
     g.add_argument("--no-cfm", action="store_true", help="ablation: no Coherence Fusion Module")
     g.add_argument("--no-traceback", action="store_true", help="ablation: no trace-back, the CFM head is final")
+    g.add_argument("--cfm-released-width", action="store_true", help="CFM queries and keys (T-1)*D wide, as in "
+                   "the released code (default: D wide)")
     g = p.add_argument_group("optimisation (SPEC 3, 5)")
     g.add_argument("--epochs", type=positive_int, help="default: 100 per SPEC 5 (released code); toy 12")
     g.add_argument("--batch-size", type=positive_int, help="per process (default: 2 per SPEC 5; toy 16)")

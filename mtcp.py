@@ -99,7 +99,7 @@ class CBAM(nn.Module):
         hidden = max(channels // reduction, 1)
         self.mlp = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, channels, 1))
         self.spatial = nn.Sequential(nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False),
-                                     nn.BatchNorm2d(1))
+                                     nn.BatchNorm2d(1, momentum=0.01))  # the released gate's momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True))  # (B, C, 1, 1)

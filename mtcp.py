@@ -39,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+import types
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from PIL import Image
 from torch.distributed.elastic.multiprocessing.errors import record
-from timm.models.swin_transformer import SwinTransformerStage
+from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerStage
 
 import data
 
@@ -143,6 +144,35 @@ class Head(nn.Sequential):
                          nn.Conv2d(dim, out_channels, 1))
 
 
+def _padded_window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Tensor:
+    """(Shifted) window attention of a timm Swin block as the original Swin computes it: zero-pad the map to a
+    multiple of the window, then shift, with the shifted-window mask of the padded map. Shapes: (B, H, W, C)."""
+    B, H, W, C = x.shape
+    (wh, ww), (sh, sw) = block.window_size, block.shift_size
+    x = F.pad(x, (0, 0, 0, -W % ww, 0, -H % wh))  # (B, Hp, Wp, C), zeros right and below
+    Hp, Wp = x.shape[1:3]
+    shifted = sh > 0 or sw > 0
+    if shifted:
+        x = torch.roll(x, (-sh, -sw), (1, 2))
+    mask = block.get_attn_mask(x) if getattr(block, "dynamic_mask", False) else block.attn_mask  # (nW, N, N) or None
+    windows = x.view(B, Hp // wh, wh, Wp // ww, ww, C).transpose(2, 3).reshape(-1, wh * ww, C)  # (B nW, N, C)
+    out = block.attn(windows, mask=mask)  # (B nW, N, C)
+    x = out.view(B, Hp // wh, Wp // ww, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+    if shifted:
+        x = torch.roll(x, (sh, sw), (1, 2))
+    return x[:, :H, :W]
+
+
+def pad_before_shift(module: nn.Module) -> nn.Module:
+    """Makes every timm SwinTransformerBlock in `module` pad before it shifts (_padded_window_attention); same
+    weights. NOTE(repro): timm shifts the unpadded map, so on map sides that are not a multiple of the window
+    shifted windows mix tokens across the image border; the released decoder and backbone pad first."""
+    for m in module.modules():
+        if isinstance(m, SwinTransformerBlock):
+            m._attn = types.MethodType(_padded_window_attention, m)
+    return module
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Backbone and neck (SPEC 2.1)
 
@@ -204,6 +234,7 @@ class Backbone(nn.Module):
                                f"pretrained=True)\", or pass --weights FILE, or --no-pretrained") from e
         if weights:
             load_backbone_weights(self.body, weights)
+        pad_before_shift(self.body)  # a no-op for CNNs
         reductions, channels = self.body.feature_info.reduction(), self.body.feature_info.channels()
         if 4 not in reductions:
             raise ValueError(f"backbone {name} has no stride-4 feature level (strides {reductions})")
@@ -248,6 +279,7 @@ class TaskDecoder(nn.Module):
                                                     depth=depth, downsample=i > 0, num_heads=num_heads,
                                                     window_size=window_size))
             size = self.stages[-1].output_resolution
+        pad_before_shift(self.stages)
         self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)
         self.fpn = FPN(in_channels=widths, dim=dim)
 

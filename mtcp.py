@@ -274,10 +274,11 @@ class TaskDecoder(nn.Module):
         self.stages = nn.ModuleList()
         size = feat_size
         for i, depth in enumerate(depths):
-            # input_resolution is the stage's input; a downsampling stage halves it before its blocks
+            # input_resolution is the stage's input; a downsampling stage halves it before its blocks.
+            # always_partition: a 7x7 window with shift 3 on maps of 7 or less too, as released (timm shrinks it)
             self.stages.append(SwinTransformerStage(dim=widths[max(i - 1, 0)], out_dim=widths[i], input_resolution=size,
                                                     depth=depth, downsample=i > 0, num_heads=num_heads,
-                                                    window_size=window_size))
+                                                    window_size=window_size, always_partition=True))
             size = self.stages[-1].output_resolution
         pad_before_shift(self.stages)
         self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths)

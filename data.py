@@ -1,41 +1,31 @@
-"""mtcp data: NYUD-v2 and PASCAL-Context multi-task loaders, a procedural toy in the same layouts, a checker.
-
-Paper: Fontana, Spratling, Shi, "Optimizing Dense Visual Predictions Through Multi-Task Coherence and
-Prioritization", WACV 2025 (MT-CP). This file implements SPEC section 1: the NYUD_MT and PASCAL_MT folder
-layouts and decoding rules (1.1, 1.2), the training augmentations and the eval protocol (1.3), a `collate`
-for labels of mixed sizes, `make_toy` (ray-cast rooms written in the real layouts and formats, so the toy
-runs through the real loader) and a checker for downloaded archives:
-
-    python data.py check --dataset nyud /data/NYUD_MT
-    python data.py check --dataset pascal /data/PASCAL_MT
-    python data.py check --dataset nyud /tmp/toy_nyud --any-split-size
-"""
+"""mtcp data: NYUD-v2 and PASCAL-Context multi-task readers, augmentations, a procedural toy in the same
+layouts, the dataset table and builder for mtcp.py, pictures of task maps, and a checker for downloaded archives:
+python data.py check --dataset nyud|pascal ROOT [--any-split-size (for the toy)]."""
 import argparse
 import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import scipy.io
 import scipy.ndimage
 import torch
+import torch.distributed
+import torch.nn.functional as F
 from PIL import Image
-
-# ----------------------------------------------------------------------------------------------------------
-# Constants (SPEC 1)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLIT_SIZES = {"nyud": {"train": 795, "val": 654}, "pascal": {"train": 4998, "val": 5105}}
-# SPEC 1.2: PASCAL-Part person part names -> 6 parts; other names are not painted (0 = background).
-PART_ID = {**dict.fromkeys(("head", "hair", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "nose",
-                            "mouth"), 1),
+# PASCAL-Part person part names -> 6 parts; other names are not painted (0 = background).
+PART_ID = {**dict.fromkeys(("head", "hair", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "nose", "mouth"), 1),
            **dict.fromkeys(("torso", "neck"), 2), **dict.fromkeys(("luarm", "ruarm"), 3),
            **dict.fromkeys(("llarm", "rlarm", "lhand", "rhand"), 4), **dict.fromkeys(("luleg", "ruleg"), 5),
            **dict.fromkeys(("llleg", "rlleg", "lfoot", "rfoot"), 6)}
 PERSON = 15  # VOC class index of 'person' in PASCAL-Part structs and VOC12 labels
-ZOOMS = (1.0, 1.2, 1.5)  # SPEC 1.3: NYUD random centred zoom factors
+ZOOMS = (1.0, 1.2, 1.5)  # NYUD random centred zoom factors
 TOY_CLASSES = ("wall", "floor", "ceiling", "box", "sphere", "cylinder")  # toy NYUD semseg, png values 1..6
 TOY_FOCAL = 0.8  # toy intrinsics: fx = fy = TOY_FOCAL * W pixels, principal point at the image centre
 TOY_VOC = {"box": (9, "chair"), "sphere": (16, "pottedplant"), "cylinder": (5, "bottle")}  # PASCAL toy
@@ -46,7 +36,7 @@ class DataError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Datasets (SPEC 1.1, 1.2 decoding; SPEC 1.3 augmentation)
+# Datasets: decoding, augmentation
 
 def _read(path, mode=None):
     """Decode a .npy or image file fully into a numpy array (PIL `mode` converts, None keeps palette indices)."""
@@ -63,9 +53,8 @@ def _read(path, mode=None):
 
 
 def _human_parts(path, hw):
-    """SPEC 1.2: paint PASCAL-Part person parts, objects then parts in file order, later wins.
-
-    Returns (H, W) uint8 in 0..6, or all 255 when no part pixel gets painted (no supervision)."""
+    """Paint PASCAL-Part person parts, objects then parts in file order, later wins: (H, W) uint8 in 0..6,
+    or all 255 when no part pixel gets painted (no supervision)."""
     try:
         objects = scipy.io.loadmat(path)["anno"][0][0][1]
         parts = [(str(p[0][0]), p[1].astype(bool)) for o in (objects[0] if objects.size else ())
@@ -83,13 +72,11 @@ def _human_parts(path, hw):
 
 
 def augment(img, targets, size, flip=False, angle=0.0, scale=1.0):
-    """SPEC 1.3: flip, rotate by `angle` degrees and scale about the centre, resize to `size` (H, W): one PIL
-    affine per plane (image bicubic, labels nearest). Borders: image black, labels 0. The in-plane (x, y)
-    components of normals turn with the image (x along columns, y along rows, as the released code has it).
+    """Flip, rotate by `angle` degrees, scale about the centre and resize to `size` (H, W) with one PIL affine per
+    plane (image bicubic, labels nearest; borders 0); normals' (x, y) turn too (x = columns, as the released code).
     img (H, W, 3) uint8 and targets {task: array at the image's size} -> the same at `size`."""
     (h, w), (H, W) = img.shape[:2], size
-    c = np.array([w / 2, h / 2])  # centre in PIL's continuous pixel coordinates
-    a = np.deg2rad(angle)
+    c, a = np.array([w / 2, h / 2]), np.deg2rad(angle)  # c: centre in PIL's continuous pixel coordinates
     # output point q' -> input point p = c + Flip R(-angle) (D q' - c) / scale, D = resize to (h, w)
     M = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]]) / scale
     M[0] *= -1 if flip else 1
@@ -108,8 +95,7 @@ def augment(img, targets, size, flip=False, angle=0.0, scale=1.0):
             out[task] = np.full((H, W), 255, np.uint8)
             continue
         if task == "normals" and (flip or angle):
-            # a vector v of the input image appears as scale * M^-1 v in the output: flip (channel 0 is
-            # horizontal, SPEC 1.1) and rotation, without the scale (normals stay unit length)
+            # v in the input appears as scale * M^-1 v in the output; without the scale normals stay unit
             rot = np.linalg.inv(M) / scale  # (2, 2) on (x, y)
             arr = np.concatenate([arr[..., :2] @ rot.T.astype(np.float32), arr[..., 2:]], -1)
         planes = [warp(p, Image.Resampling.NEAREST, 0) for p in np.moveaxis(np.atleast_3d(arr), -1, 0)]
@@ -131,18 +117,14 @@ def read_image(path):
 
 
 def to_input(img, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """An RGB image (H, W, 3) uint8 as the model sees it in evaluation (SPEC 1.3): resized to `size` exactly
-    as the datasets do, normalised. Used for one's own images (mtcp.py --predict). Returns (3, H, W)."""
+    """(H, W, 3) uint8 RGB -> (3, H, W) as a model sees it in evaluation, resized as the datasets do (--predict)."""
     return normalize(augment(img, {}, size)[0], mean, std)
 
 
 class _MultiTask(torch.utils.data.Dataset):
-    """Shared by NYUD and PASCALContext: split file, decoding, SPEC 1.3 augmentation, tensors.
-
-    Randomness: each training sample seeds a numpy Generator from torch's global RNG, which the DataLoader
-    seeds differently per worker and per epoch, so workers never repeat augmentations and torch.manual_seed
-    makes a run reproducible. Override `draw` (tests do) to force augmentation parameters.
-    """
+    """Shared by NYUD and PASCALContext: split file, decoding, augmentation, tensors. Each training sample seeds
+    a numpy Generator from torch's RNG (per worker and epoch in a DataLoader; torch.manual_seed reproduces a run).
+    Override `draw` (tests do) to force augmentation parameters."""
     files = {}  # 'image' or task -> candidate paths relative to root, first existing one is used
     channels = {}  # task -> output channels
     split_path = layout = ""
@@ -154,11 +136,9 @@ class _MultiTask(torch.utils.data.Dataset):
             raise ValueError(f"unknown tasks {set(self.tasks) - set(self.channels)}; known: {list(self.channels)}")
         split_file = os.path.join(self.root, self.split_path.format(split))
         if not os.path.isfile(split_file):
-            what = "split file" if os.path.isdir(self.root) else "dataset root"
-            raise DataError(f"{what} not found: {split_file if os.path.isdir(self.root) else self.root}. "
-                            f"Expected the {self.layout}")
-        with open(split_file) as f:
-            self.ids = f.read().split()
+            what, path = ("split file", split_file) if os.path.isdir(self.root) else ("dataset root", self.root)
+            raise DataError(f"{what} not found: {path}. Expected the {self.layout}")
+        self.ids = Path(split_file).read_text().split()
         self.num_outputs = {t: self.channels[t] for t in self.tasks}
 
     def __len__(self):
@@ -178,7 +158,7 @@ class _MultiTask(torch.utils.data.Dataset):
         if task == "human_parts":
             return _human_parts(path, hw)
         arr = _read(path, {"normals": "RGB", "sal": "L"}.get(task))
-        if task == "normals":  # SPEC 1.1: png stores v = (n + 1) * 255 / 2
+        if task == "normals":  # png stores v = (n + 1) * 255 / 2
             arr = arr * np.float32(2 / 255) - 1 if path.endswith(".png") else arr.astype(np.float32)
         elif task == "depth":
             arr = np.squeeze(arr).astype(np.float32)
@@ -203,12 +183,12 @@ class _MultiTask(torch.utils.data.Dataset):
             rng = np.random.default_rng(int(torch.randint(2 ** 62, ())))
             img, targets = augment(img, targets, self.size, **self.draw(rng))
             sample = {"image": normalize(img)}
-        else:  # SPEC 1.3 eval: the image resized as in training, targets stay at the original resolution
+        else:  # eval: the image resized as in training, targets stay at the original resolution
             sample = {"image": to_input(img, self.size)}
         for task, arr in targets.items():
             if task in ("semseg", "human_parts"):
                 sample[task] = torch.from_numpy(arr.astype(np.int64))  # (H, W), 255 = ignore
-            elif task == "sal":  # SPEC 1.2: v / 255 > 0.5
+            elif task == "sal":  # v / 255 > 0.5
                 sample[task] = torch.from_numpy((arr > 127.5).astype(np.float32))[None]
             elif task == "normals":  # unit vectors again after resizing; zero vectors (invalid) stay zero
                 norm = np.sqrt(np.einsum("hwc,hwc->hw", arr, arr))
@@ -221,17 +201,10 @@ class _MultiTask(torch.utils.data.Dataset):
 
 
 class NYUD(_MultiTask):
-    """NYUD-v2 in the NYUD_MT layout (SPEC 1.1), also the InvPT/ATRC .png variant and the toy (fewer classes).
-
-    Args:
-        root: folder holding gt_sets/, images/, segmentation/, depth/, normals/.
-        split: 'train' or 'val'. tasks: any of semseg, depth, normals.
-        train: augment (SPEC 1.3: flip, centred zoom 1/1.2/1.5); default split == 'train'.
-        size: (H, W) of the image, and of the targets when train.
-        num_classes: semseg classes (40; len(TOY_CLASSES) for the toy); png values above it are an error.
-    Returns per sample: image (3, H, W) float32 ImageNet-normalised, semseg (H, W) int64 (255 ignore),
-    depth (1, H, W) float32 metres (0 invalid), normals (3, H, W) float32 unit (0 invalid), meta dict.
-    """
+    """NYUD-v2 in the NYUD_MT layout (also the InvPT/ATRC .png variant and the toy, num_classes=len(TOY_CLASSES)).
+    train (default split == 'train'): flip, centred zoom ZOOMS; size (H, W) of the image, and of targets in train.
+    Samples: image (3, H, W) float32 ImageNet-normalised, semseg (H, W) int64 (255 ignore), depth (1, H, W) float32
+    metres (0 invalid), normals (3, H, W) float32 unit (0 invalid), meta {id, size}."""
     files = {"image": ("images/{}.jpg", "images/{}.png"), "semseg": ("segmentation/{}.png",),
              "depth": ("depth/{}.npy",), "normals": ("normals/{}.npy", "normals/{}.png")}
     split_path = "gt_sets/{}.txt"
@@ -246,20 +219,18 @@ class NYUD(_MultiTask):
         super().__init__(root, split, tasks, train, size)
 
     def semseg(self, label, path):
-        # SPEC 1.1: 0 = unlabelled -> 255 (ignore), k -> k - 1
         if label.max(initial=0) > self.num_classes:
             raise DataError(f"{path}: semseg value {label.max()} out of range 0..{self.num_classes}")
-        return np.where(label == 0, 255, label - 1).astype(np.uint8)
+        return np.where(label == 0, 255, label - 1).astype(np.uint8)  # 0 = unlabelled -> 255 (ignore), k -> k - 1
 
     def draw(self, rng):
         return dict(flip=rng.random() < 0.5, angle=0.0, scale=float(rng.choice(ZOOMS)))
 
 
 class PASCALContext(_MultiTask):
-    """PASCAL-Context in the PASCAL_MT layout (SPEC 1.2); arguments and returns as NYUD, tasks semseg
-    (21 classes), human_parts (7, all 255 without a person part list), sal (1, float {0, 1}), normals
-    (normals_distill png). Training augmentation (SPEC 1.3): flip, rotation U(-20, 20) deg, scale
-    U(0.75, 1.25)."""
+    """PASCAL-Context in the PASCAL_MT layout, as NYUD: semseg (21 classes), human_parts (7, all 255 without a
+    person part), sal (1, float {0, 1}), normals (normals_distill png). Train: flip, rotation U(-20, 20) deg,
+    scale U(0.75, 1.25)."""
     files = {"image": ("JPEGImages/{}.jpg",), "semseg": ("semseg/VOC12/{}.png", "semseg/pascal-context/{}.png"),
              "human_parts": ("human_parts/{}.mat",), "sal": ("sal_distill/{}.png",),
              "normals": ("normals_distill/{}.png",)}
@@ -283,6 +254,16 @@ class PASCALContext(_MultiTask):
         return dict(flip=rng.random() < 0.5, angle=rng.uniform(-20, 20), scale=rng.uniform(0.75, 1.25))
 
 
+DATASETS = {  # reader, task -> output channels, default folder (relative to the working directory), archive
+    "nyud": dict(reader=NYUD, tasks={"semseg": 40, "depth": 1, "normals": 3}, root="data/NYUD_MT",
+                 download="https://drive.google.com/file/d/14EAEMXmd3zs2hIMY63UhHPSFPDAkiTzw"),
+    "pascal": dict(reader=PASCALContext, tasks={"semseg": 21, "human_parts": 7, "sal": 1}, root="data/PASCAL_MT",
+                   download="https://data.vision.ee.ethz.ch/kmaninis/share/MTL/PASCAL_MT.tgz"),
+    "toy": dict(reader=NYUD, tasks={"semseg": len(TOY_CLASSES), "depth": 1, "normals": 3}, root="data/toy",
+                download=None, toy=dict(n_train=320, n_val=80, size=(120, 160))),
+}
+
+
 def verify(ds, workers=8):
     """Decode every sample of dataset `ds` once (threads: PIL, np.load and zlib release the GIL); a DataError
     naming the unreadable files, so a damaged file stops a program before its work rather than midway."""
@@ -296,6 +277,60 @@ def verify(ds, workers=8):
     if problems:
         raise DataError(f"{len(problems)} of {len(ds)} {ds.split} samples in {ds.root} cannot be read, the first "
                         f"{min(len(problems), 5)}:\n  " + "\n  ".join(problems[:5]))
+
+
+def build_datasets(dataset: str, root: str, *, tasks, size, training: bool = True, master: bool = True):
+    """(train, val) datasets of DATASETS[dataset] at `root`. Every val file, and when training every train file,
+    is decoded here, so a damaged file stops the program before training; only a toy training run into the
+    default data/toy writes the toy (on first use). A missing real dataset: a DataError naming the download."""
+    if (dataset == "toy" and training and master and Path(root) == Path(DATASETS["toy"]["root"])
+            and not (Path(root) / "gt_sets" / "val.txt").exists()):
+        print(f"writing the toy dataset to {root} ...", flush=True)
+        make_toy(root, layout="nyud", **DATASETS["toy"]["toy"])
+    if dataset == "toy" and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the other ranks wait for rank 0's toy data
+    try:
+        reader = DATASETS[dataset]["reader"]
+        extra = {} if dataset == "pascal" else dict(num_classes=DATASETS[dataset]["tasks"]["semseg"])
+        sets = [reader(root, split, tasks=tuple(tasks), size=tuple(size), **extra) for split in ("train", "val")]
+        verify(sets[1])
+        if training:
+            verify(sets[0])
+        return tuple(sets)
+    except DataError as e:  # every rank gets here before any collective: each raises
+        if dataset == "toy":
+            raise
+        check = f"python data.py check --dataset {dataset} {root}"
+        if os.path.isdir(root):  # incomplete: e names the missing file, the layout and the download
+            raise DataError(f"{e}\nCheck the folder with: {check}") from None
+        raise DataError(f"no {dataset} dataset at {root}: download {DATASETS[dataset]['download']}, unpack it as "
+                        f"{root} (or pass --data-root) and check it with: {check}") from None
+
+
+def label_means(ds) -> dict:
+    """The best constant prediction per task over a split's labels (decoded, not augmented), as the raw
+    output (C,) a model's head would emit: one-hot logits of the most frequent class, the mean depth in
+    metres, the unit mean normal, the mean saliency as a logit."""
+    counts, sums = {}, {}
+    for i in range(len(ds)):
+        _, targets = ds.load(i)
+        for t, arr in targets.items():
+            if t in ("semseg", "human_parts"):
+                counts[t] = counts.get(t, 0) + np.bincount(arr[arr != 255].ravel(), minlength=ds.num_outputs[t])
+                continue
+            if t == "depth":
+                values = arr[arr > 0][:, None]  # (P, 1) metres, valid pixels
+            elif t == "normals":
+                values = arr.reshape(-1, 3)  # zero vectors (invalid) add nothing; the mean is normalised
+            else:
+                values = (arr > 127.5).reshape(-1, 1)  # saliency in {0, 1}
+            total, n = sums.get(t, (0.0, 0))
+            sums[t] = (total + values.sum(0, dtype=np.float64), n + len(values))
+    constants = {t: F.one_hot(torch.tensor(int(n.argmax())), len(n)).float() for t, n in counts.items()}
+    for t, (total, n) in sums.items():
+        mean = torch.as_tensor(total / max(n, 1), dtype=torch.float32)
+        constants[t] = {"depth": mean, "normals": F.normalize(mean, dim=0), "sal": torch.logit(mean, eps=1e-6)}[t]
+    return constants
 
 
 def collate(batch):
@@ -314,12 +349,9 @@ def collate(batch):
 
 @np.errstate(divide="ignore", invalid="ignore")  # rays parallel to a plane meet it at infinity
 def _render_room(rng, h, w, n_objects):
-    """Ray-cast a random room with boxes, spheres and upright cylinders on the floor, one point light.
-
-    World: y up, floor y = 0. Camera frame: x right, y down, z forward; intrinsics as TOY_FOCAL.
-    Returns rgb (h, w, 3) in [0, 1], class (h, w) index into TOY_CLASSES, instance (h, w) (-1 = room),
-    depth (h, w) camera z in metres, normals (h, w, 3) unit camera-frame normals facing the camera.
-    """
+    """Ray-cast a room with boxes, spheres and upright cylinders on the floor, one point light. World y up, floor
+    y = 0; camera x right, y down, z forward (TOY_FOCAL). Returns rgb (h, w, 3) in [0, 1], class (h, w) index into
+    TOY_CLASSES, instance (h, w) (-1 = room), depth (h, w) camera z metres, normals (h, w, 3) unit, camera frame."""
     rw, rd, rh = rng.uniform(4, 7), rng.uniform(5, 9), rng.uniform(2.4, 3.0)  # room width x, depth z, height
     o = np.array([rng.uniform(-1, 1), rng.uniform(1.2, 1.6), -rd / 2 + rng.uniform(0.3, 1.0)])  # camera (m)
     yaw, pitch = rng.uniform(-0.5, 0.5), rng.uniform(-0.35, -0.05)  # radians, pitch < 0 looks down
@@ -423,7 +455,7 @@ def _figure(rng, h, w):
 
 
 def _save_parts(path, imname, objects):
-    """Write a PASCAL-Part .mat struct (SPEC 1.2): anno.objects(j) = (class, classIndex, mask, parts)."""
+    """Write a PASCAL-Part .mat struct: anno.objects(j) = (class, classIndex, mask, parts)."""
     objs = np.zeros((1, len(objects)), [("class", "O"), ("classIndex", "O"), ("mask", "O"), ("parts", "O")])
     for j, (name, index, mask, parts) in enumerate(objects):
         pa = np.zeros((1, len(parts)), [("part_name", "O"), ("mask", "O")]) if parts else np.zeros((0, 0))
@@ -444,15 +476,10 @@ def voc_palette():
 
 
 def make_toy(root, layout="nyud", n_train=200, n_val=50, size=(120, 160), seed=0):
-    """Write a learnable toy dataset in the real NYUD_MT ('nyud') or PASCAL_MT ('pascal') layout and formats.
-
-    Image i is rendered from np.random.default_rng([seed, i]), so the output is deterministic. The split
-    files are written last: when both already exist with n_train and n_val ids, make_toy returns at once.
-    NYUD: semseg png 1..len(TOY_CLASSES) (0 = a few clutter pixels), camera-frame depth and normals, 5 %
-    depth holes (zero depth and normals). PASCAL: sizes vary around `size` (some portrait), room surfaces
-    are background, objects VOC classes (TOY_VOC), 0-2 articulated figures (person) with PASCAL-Part masks.
-    Returns root.
-    """
+    """Write a learnable toy in the NYUD_MT ('nyud') or PASCAL_MT ('pascal') layout, image i from
+    default_rng([seed, i]); returns root at once if both split files (written last) hold n_train / n_val ids.
+    NYUD: semseg 1..len(TOY_CLASSES) (0 = clutter), 5 % depth holes. PASCAL: sizes around `size` (some portrait),
+    room = background, objects VOC classes (TOY_VOC), 0-2 figures (person) with PASCAL-Part masks."""
     nyud = layout == "nyud"
     splits = {"train": range(n_train), "val": range(n_train, n_train + n_val)}
     split_files = {s: os.path.join(root, (NYUD if nyud else PASCALContext).split_path.format(s)) for s in splits}
@@ -505,7 +532,53 @@ def make_toy(root, layout="nyud", n_train=200, n_val=50, size=(120, 160), seed=0
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checker: python data.py check --dataset nyud|pascal ROOT (SPEC 7: name the variant, check sizes, fail loudly)
+# Pictures and one's own images (mtcp.py --predict)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def list_images(paths) -> dict[Path, str]:
+    """Image files among `paths` (files, or folders read one level deep, sorted) -> a distinct output stem each:
+    the file's stem, or stem_1, stem_2, ... for a stem met before (a/x.png, b/x.png)."""
+    found = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise DataError(f"{p} does not exist")
+        found += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    if not found:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
+    stems, taken = {}, set()
+    for path in dict.fromkeys(found):
+        stem, k = path.stem, 0
+        while stem in taken:
+            k, stem = k + 1, f"{path.stem}_{k + 1}"
+        stems[path] = stem
+        taken.add(stem)
+    return stems
+
+
+def colorize(task: str, value: np.ndarray, *, depth_range: tuple[float, float] = (0.0, 10.0)) -> np.ndarray:
+    """One task's map as an RGB picture (H, W, 3) uint8 from `value`: class ids (H, W) (255 ignore: grey); depth
+    (1, H, W) metres (0 invalid: black); normals (3, H, W) unit, as (n + 1) / 2; saliency (1, H, W) probability."""
+    if task in ("semseg", "human_parts"):
+        rgb = voc_palette()[np.clip(value, 0, 255).astype(np.uint8)]
+        rgb[value == 255] = 128
+        return rgb
+    if task == "depth":
+        t = np.clip((value[0] - depth_range[0]) / (depth_range[1] - depth_range[0]), 0, 1)  # blue (near) .. red
+        anchors = np.array([[48, 18, 59], [40, 120, 220], [30, 200, 140], [240, 200, 40], [180, 20, 10]], float)
+        pos = t * (len(anchors) - 1)
+        i = np.minimum(pos.astype(int), len(anchors) - 2)
+        rgb = anchors[i] + (anchors[i + 1] - anchors[i]) * (pos - i)[..., None]
+        rgb[value[0] <= 0] = 0
+        return rgb.astype(np.uint8)
+    if task == "normals":
+        return ((np.transpose(value, (1, 2, 0)) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return np.repeat((value[0] * 255).clip(0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checker: python data.py check --dataset nyud|pascal ROOT: names the variant, checks sizes, fails loudly
 
 def _inspect(ds, i, strict):
     """Decode sample i without augmentation; returns (stats or None, [problems naming files])."""
@@ -540,9 +613,8 @@ def _inspect(ds, i, strict):
 
 
 def check(dataset, root, any_split_size=False, workers=16):
-    """Verify a dataset folder against the published archive (SPEC 1.1 / 1.2) and print a report.
-
-    Returns the problems found (empty = usable). `any_split_size` accepts any split and image size (toy)."""
+    """Check a dataset folder against the published archive and print a report; returns the problems found
+    (empty = usable). `any_split_size` accepts any split and image size (toy)."""
     cls, problems, stats = NYUD if dataset == "nyud" else PASCALContext, [], []
     print(f"{cls.__name__} at {root}")
     for split, n in SPLIT_SIZES[dataset].items():
@@ -574,14 +646,13 @@ def check(dataset, root, any_split_size=False, workers=16):
     elif stats:
         print(f'  saliency: {np.mean([s["grey"] for s in stats]):.1%} of pixels neither 0 nor 255\n'
               f'  human parts: {sum(s["parts"] for s in stats)} of {len(stats)} images carry parts')
-    print("usable" if not problems else f"NOT usable: {len(problems)} problems, the first 20:")
-    for problem in problems[:20]:
-        print("  " + problem)
+    print("usable" if not problems else f"NOT usable: {len(problems)} problems, the first 20:\n  " +
+          "\n  ".join(problems[:20]))
     return problems
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="mtcp dataset tools (SPEC 1)")
+    parser = argparse.ArgumentParser(description="mtcp dataset tools")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("check", help="verify a dataset folder against the published archive")
     p.add_argument("--dataset", choices=("nyud", "pascal"), required=True)

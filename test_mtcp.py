@@ -3,6 +3,7 @@ the model (SPEC 2) and the program (SPEC 5): train, resume, eval-only, torchrun 
 
 Every fixture is written in the real file formats inside tmp_path; nothing is downloaded.
 """
+import copy
 import errno
 import io
 import json
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -806,6 +808,86 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(backbone):
         torch.testing.assert_close(buffers_ckpt[name], buffers[name], atol=1e-6, rtol=1e-6, msg=name)
 
 
+def reference_shifted_window_block(block, x, window=7, shift=3):
+    """The original Swin's shifted block, written out: zero-pad to a multiple of the window, roll, attend
+    within each window (mask: tokens of different regions of the padded map never attend), roll back, crop."""
+    B, H, W, C = x.shape
+    heads = block.attn.num_heads
+    h = F.pad(block.norm1(x), (0, 0, 0, -W % window, 0, -H % window))
+    Hp, Wp = h.shape[1:3]
+
+    def region(i, n):  # 0: never wrapped, 1: the last window but the shift, 2: the wrapped strip
+        return 0 if i < n - window else 1 if i < n - shift else 2
+    label = torch.tensor([[3 * region(i, Hp) + region(j, Wp) for j in range(Wp)] for i in range(Hp)])
+    h = torch.roll(h, (-shift, -shift), (1, 2))
+    bias = block.attn._get_rel_pos_bias()[0]  # (heads, N, N)
+    out = torch.zeros_like(h)
+    for b in range(B):
+        for i in range(0, Hp, window):
+            for j in range(0, Wp, window):
+                tokens = h[b, i:i + window, j:j + window].reshape(-1, C)  # (N, C)
+                q, k, v = block.attn.qkv(tokens).view(-1, 3, heads, C // heads).permute(1, 2, 0, 3)
+                lab = label[i:i + window, j:j + window].reshape(-1)
+                logits = q @ k.transpose(-1, -2) * (C // heads) ** -0.5 + bias
+                logits = logits + torch.where(lab[:, None] == lab[None, :], 0.0, -100.0)
+                o = (logits.softmax(-1) @ v).transpose(0, 1).reshape(-1, C)
+                out[b, i:i + window, j:j + window] = block.attn.proj(o).view(window, window, C)
+    y = x + torch.roll(out, (shift, shift), (1, 2))[:, :H, :W]
+    return y + block.mlp(block.norm2(y))
+
+
+def test_swin_blocks_pad_before_they_shift():
+    from timm.models.swin_transformer import SwinTransformerBlock
+    torch.manual_seed(0)
+    timm_block = SwinTransformerBlock(dim=32, input_resolution=(10, 12), num_heads=2, window_size=7, shift_size=3,
+                                      always_partition=True).double().eval()
+    ours = mtcp.pad_before_shift(copy.deepcopy(timm_block))
+    x = torch.randn(2, 10, 12, 32, dtype=torch.float64)  # neither side a multiple of 7
+    with torch.no_grad():
+        reference = reference_shifted_window_block(ours, x)
+        torch.testing.assert_close(ours(x), reference, atol=1e-12, rtol=0)
+        assert (timm_block(x) - reference).abs().max() > 1e-3  # timm rolls first: tokens wrap across the border
+    model = mtcp.MTCP(THREE, backbone="swin_tiny_patch4_window7_224", img_size=(64, 96), **TINY)
+    blocks = [m for m in model.modules() if isinstance(m, SwinTransformerBlock)]
+    assert blocks and all(b._attn.__func__ is mtcp._padded_window_attention for b in blocks)  # backbone too
+    # the decoders keep 7x7 windows and shift 3 on maps of 7 or less (stages 2 and 3 here: 4x5, 2x3), as released
+    decoder = mtcp.TaskDecoder(dim=16, feat_size=(8, 10))
+    assert [(b.window_size, b.shift_size) for stage in decoder.stages for b in stage.blocks] == [
+        ((7, 7), (0, 0)), ((7, 7), (0, 0)), ((7, 7), (3, 3)), ((7, 7), (0, 0))]
+    assert model.cfm["depth"].value[0].spatial[1].momentum == 0.01  # CBAM's spatial gate, as released
+
+
+def test_the_method_half_runs_alone(tmp_path):
+    """The method half of mtcp.py (up to its program banner), executed with `data` not importable."""
+    source = Path(mtcp.__file__).read_text()
+    method = source[:source.index("# " + "=" * 20)]
+    script = tmp_path / "method_only.py"
+    script.write_text(method + textwrap.dedent('''
+        import sys
+        assert sys.modules["data"] is None  # never imported: an import would have failed
+        torch.manual_seed(0)
+        tasks = {"semseg": 4, "depth": 1, "normals": 3}
+        model = MTCP(tasks, backbone="test_resnet", dim=16, img_size=(32, 48))
+        preds, aux = model(torch.randn(2, 3, 32, 48))
+        targets = {"semseg": torch.randint(0, 4, (2, 32, 48)), "depth": torch.rand(2, 1, 32, 48) + 0.5,
+                   "normals": F.normalize(torch.randn(2, 3, 32, 48), dim=1)}
+        lps = make_balancer("lps", list(tasks))
+        for epoch in range(2):
+            total = lps(multi_task_losses(preds, aux, targets))
+            lps.end_epoch()
+        total.backward()
+        metrics = Metrics(tasks)
+        metrics.update({t: p.detach() for t, p in preds.items()}, targets)
+        results = metrics.compute()
+        print(sorted(results), round(delta_m(results, results), 6), sorted(lps.weights))
+    '''))
+    env = dict(os.environ, PYTHONPATH="")  # data.py is not on the path: `import data` would fail
+    out = subprocess.run([sys.executable, "-c", "import sys; sys.modules['data'] = None; "
+                          f"exec(open({str(script)!r}).read())"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['depth', 'normals', 'semseg'] 0.0 ['depth', 'normals', 'semseg']"
+
+
 def test_cfm_attention_equals_naive_softmax():
     torch.manual_seed(0)
     q, k = torch.randn(2, 50, 32) * 0.3, torch.randn(2, 50, 32) * 0.3
@@ -985,9 +1067,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(toy_root, tmp_path,
 
 
 def test_missing_dataset_root_is_a_clear_error(tmp_path):
-    with pytest.raises(mtcp.UserError, match="no nyud dataset at .*nowhere: download .* python data.py check"):
+    with pytest.raises(data.DataError, match="no nyud dataset at .*nowhere: download .* python data.py check"):
         run_main("--dataset", "nyud", "--data-root", tmp_path / "nowhere", "--no-pretrained", *SMALL)
-    with pytest.raises(mtcp.UserError, match="split file not found(.|\n)*python data.py check --dataset nyud"):
+    with pytest.raises(data.DataError, match="split file not found(.|\n)*python data.py check --dataset nyud"):
         run_main("--dataset", "nyud", "--data-root", tmp_path, "--no-pretrained", *SMALL)  # incomplete
 
 
@@ -1158,7 +1240,7 @@ def test_torchrun_without_data_reports_once(tmp_path, dataset, folder):
     assert run.returncode != 0 and time.monotonic() - start < 60
     assert output.count("mtcp: error:") == 1, output
     message = output[output.index("mtcp: error:"):]
-    assert folder in message and mtcp.DATASETS[dataset]["download"] in message, message
+    assert folder in message and data.DATASETS[dataset]["download"] in message, message
     assert f"python data.py check --dataset {dataset} {folder}" in message, message
     # torchrun itself ends every failed job with its ChildFailedError summary; no traceback comes from mtcp.
     assert 'mtcp.py", line' not in output and "UserError" not in output, output

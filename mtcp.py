@@ -2,7 +2,7 @@
 
 M. Fontana, M. Spratling, M. Shi, "Optimizing Dense Visual Predictions Through Multi-Task Coherence and
 Prioritization", WACV 2025 (arXiv 2412.03179). Reconstructed from the paper and the authors' released code;
-every deliberate difference from that code is marked `# NOTE(repro):` and listed in the README.
+every deliberate difference from that code is marked where it happens and listed in the README.
 
 The file has two halves. The method (building blocks, MTCP, losses, balancers, metrics) imports only the
 standard library, torch, timm and numpy: copy a definition and what it uses above it. The program (train,
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerStage
+from timm.models.swin_transformer import SwinTransformerBlock, SwinTransformerStage, window_partition, window_reverse
 
 # ---------------------------------------------------------------------------------------------------------
 # Building blocks: CBAM, FPN, prediction head, Swin attention
@@ -85,9 +85,8 @@ def _padded_window_attention(block: SwinTransformerBlock, x: torch.Tensor) -> to
     if shifted:
         x = torch.roll(x, (-sh, -sw), (1, 2))
     mask = block.get_attn_mask(x) if getattr(block, "dynamic_mask", False) else block.attn_mask  # (nW, N, N) or None
-    windows = x.view(B, Hp // wh, wh, Wp // ww, ww, C).transpose(2, 3).reshape(-1, wh * ww, C)  # (B nW, N, C)
-    out = block.attn(windows, mask=mask)  # (B nW, N, C)
-    x = out.view(B, Hp // wh, Wp // ww, wh, ww, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+    windows = window_partition(x, (wh, ww)).view(-1, wh * ww, C)  # (B nW, N, C), timm's window order
+    x = window_reverse(block.attn(windows, mask=mask).view(-1, wh, ww, C), (wh, ww), Hp, Wp)  # (B, Hp, Wp, C)
     if shifted:
         x = torch.roll(x, (sh, sw), (1, 2))
     return x[:, :H, :W]
@@ -1047,14 +1046,14 @@ def resolve_run(args: argparse.Namespace, given: set[str], argv: list[str] | Non
     path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     training = not (args.eval_only or args.predict or args.benchmark)
-    checkpoint = None
-    if args.resume or restart and training and path.is_file():
-        checkpoint = read_checkpoint(path, "--resume")
-        if not args.resume and checkpoint["args"].get("launch") == args.launch:
+    checkpoint = read_checkpoint(path, "--resume") if args.resume or restart and training and path.is_file() else None
+    if checkpoint is not None and not args.resume:  # a restarted worker resumes only its own job's checkpoint
+        if checkpoint["args"].get("launch") != args.launch:
+            checkpoint = None
+        else:
             args.resume = True
             if int(os.environ.get("RANK", 0)) == 0:
                 print(f"restart {restart}: resuming from epoch {checkpoint['epoch']} of {path}", flush=True)
-        checkpoint = checkpoint if args.resume else None
     if args.resume:
         saved = checkpoint["args"]
         changed = sorted(k for k in given - set(RUNTIME_FLAGS) if getattr(args, k) != saved.get(k))
@@ -1547,8 +1546,9 @@ def benchmark(run: Run) -> dict:
     args, device, cuda = run.args, run.device, run.device.type == "cuda"
     torch.manual_seed(args.seed)
     num_outputs = {t: data.DATASETS[args.dataset]["tasks"][t] for t in args.tasks}
-    model = build_model(args, num_outputs).to(device, memory_format=torch.channels_last if cuda and args.channels_last
-                                              else torch.preserve_format)
+    model = build_model(args, num_outputs).to(device)
+    if cuda and args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     for m in model.modules():
         if isinstance(m, CoherenceFusion):
             m.naive_attention = args.naive_attention
@@ -1573,13 +1573,14 @@ def benchmark(run: Run) -> dict:
 
     def timed(fn, training: bool) -> float:
         model.train(training)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
         for _ in range(args.benchmark_warmup):
             fn()
-        torch.cuda.synchronize() if cuda else None
+        sync()
         start = time.perf_counter()
         for _ in range(args.benchmark_steps):
             fn()
-        torch.cuda.synchronize() if cuda else None
+        sync()
         return (time.perf_counter() - start) / args.benchmark_steps
 
     def gflops_per_image(fn, training: bool) -> float:  # of one eager step

@@ -773,6 +773,7 @@ def delta_m(results: Mapping[str, Mapping[str, float]], baselines: Mapping[str, 
 # The program: train / evaluate / predict / benchmark / summarize. Everything below may read the command
 # line and data.py; nothing above does.
 
+
 import argparse
 import dataclasses
 import datetime
@@ -796,14 +797,12 @@ RECIPES = {  # the defaults per --dataset: the released code's recipe for NYUD a
     "pascal": dict(img_size=(512, 512), backbone=SWIN_S, dim=256, epochs=100, batch_size=2, lr=5e-5, lps_spread=1.6),
     "toy": dict(img_size=(96, 128), backbone="resnet18", dim=32, epochs=12, batch_size=16, lr=2e-3, lps_spread=7.5),
 }
+USER_ERROR_EXIT = 2  # argparse's exit code for a bad command line
 
 
 class UserError(Exception):
     """A problem the user can fix (a missing dataset, an unreadable file, a bad flag): cli() reports it once,
     without a traceback, and exits with USER_ERROR_EXIT on every rank. data.DataError is reported the same way."""
-
-
-USER_ERROR_EXIT = 2  # argparse's exit code for a bad command line
 
 
 class Interrupted(UserError):
@@ -825,36 +824,35 @@ def _number(kind: type, zero_ok: bool):
     return parse
 
 
-positive_int, positive_float = _number(int, False), _number(float, False)
-non_negative_int, non_negative_float = _number(int, True), _number(float, True)
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: None)" would hide the dataset's default named in the help
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
     """The flags, and the names of those given. Flags left at None take the dataset's defaults (fill_defaults)
     or, when resuming, the checkpoint's."""
-    p = argparse.ArgumentParser(description="MT-CP: multi-task dense prediction (WACV 2025), train / evaluate / "
-                                "predict / benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    num, pos, nonneg = dict(type=positive_int), dict(type=positive_float), dict(type=non_negative_float)
+    p = argparse.ArgumentParser(description="MT-CP: multi-task dense prediction (WACV 2025): train / evaluate / "
+                                "predict / benchmark / summarize", formatter_class=_Help)
+    num, count, pos, nonneg = (dict(type=_number(int, False)), dict(type=_number(int, True)),
+                               dict(type=_number(float, False)), dict(type=_number(float, True)))
     add = p.add_argument_group("data").add_argument
-    add("--dataset", choices=list(RECIPES), default="toy", help="toy: built-in rooms in the NYUD layout (written on "
-        "first use); nyud: NYUD_MT; pascal: PASCAL_MT")
-    add("--data-root", help="dataset folder (default: data/toy, data/NYUD_MT or data/PASCAL_MT, relative to the "
-        "working directory)")
+    add("--dataset", choices=list(RECIPES), default="toy", help="toy: built-in rooms in the NYUD layout, written on "
+        "first use; nyud: NYUD_MT; pascal: PASCAL_MT")
+    add("--data-root", help="dataset folder (default: data/toy, data/NYUD_MT or data/PASCAL_MT)")
     add("--tasks", nargs="+", help="subset of the dataset's tasks, e.g. one for a single-task baseline (default: all)")
-    add("--workers", type=non_negative_int, help="data-loading processes per rank (default: 8 on CUDA, capped by "
-        "the cores per rank; 0 on CPU, where workers slow training down)")
+    add("--workers", **count, help="loader processes per rank (default: 8 on CUDA, at most the cores per rank; 0 on CPU)")
     add = p.add_argument_group("model").add_argument
-    add("--backbone", help=f"timm model name (default: {SWIN_S} for nyud/pascal, resnet18 for toy)")
-    add("--pretrained", action=argparse.BooleanOptionalAction, help="timm's pretrained backbone weights, from its "
-        "local cache, never downloaded at run time (default: on for nyud/pascal as in the paper, off for toy)")
+    add("--backbone", help=f"timm model name (default: {SWIN_S}; toy resnet18)")
+    add("--pretrained", action=argparse.BooleanOptionalAction, help="timm's pretrained weights, from its local cache, "
+        "never downloaded (default: on as in the paper; off for the toy and with --weights)")
     add("--weights", help="local timm state dict for the backbone, loaded strictly")
     add("--dim", **num, help="D, width of neck, decoders and heads (default: 256; toy 32)")
-    add("--img-size", **num, nargs=2, metavar=("H", "W"), help="training / inference size (default: 480 640 nyud, "
-        "512 512 pascal, 96 128 toy)")
+    add("--img-size", **num, nargs=2, metavar=("H", "W"), help="input size (default: nyud 480 640, pascal 512 512, "
+        "toy 96 128)")
     add("--no-cfm", action="store_true", help="ablation: no Coherence Fusion Module")
     add("--no-traceback", action="store_true", help="ablation: no trace-back, the CFM head is final")
-    add("--cfm-released-width", action="store_true", help="CFM queries and keys (T-1)*D wide, as in the released "
-        "code (default: D wide)")
+    add("--cfm-released-width", action="store_true", help="CFM queries and keys (T-1)*D wide as released, not D")
     add = p.add_argument_group("optimisation").add_argument
     add("--epochs", **num, help="default: 100 as released; toy 12")
     add("--batch-size", **num, help="per process (default: 2 as released; toy 16)")
@@ -864,43 +862,37 @@ def get_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str
     add("--clip-grad", **nonneg, default=10.0, help="max gradient norm, 0 = off")
     add("--balancer", choices=list(BALANCERS), default="lps", help="lps: Loss Prioritization Scheme; equal: what "
         "the released code optimised; uw: Kendall et al.; dwa: Liu et al.")
-    add("--lps-spread", **pos, help="LPS spread k (default: 7.5 nyud/toy, 1.6 pascal)")
+    add("--lps-spread", **pos, help="LPS spread k (default: 7.5; pascal 1.6)")
     add("--lps-floor", **nonneg, default=0.1, help="LPS weight floor")
-    add("--aux-weight", **nonneg, default=0.5, help="weight of each auxiliary (initial, intermediate) output's loss")
+    add("--aux-weight", **nonneg, default=0.5, help="loss weight of each auxiliary (initial, intermediate) output")
     add("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA and on CPUs with "
-        "native bf16 (AVX-512 BF16 / AMX); --no-amp for fp32 everywhere")
-    add("--grad-checkpointing", action="store_true", help="recompute activations in the backward pass: same "
-        "gradients, less memory, slower")
-    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels-last memory format "
-        "on CUDA")
-    add("--compile", action="store_true", help="torch.compile the model (slower on a small CPU; with bf16 on CPU "
-        "use --no-amp; docs/performance.md)")
+        "native bf16 (AVX-512 BF16 / AMX)")
+    add("--grad-checkpointing", action="store_true", help="recompute activations in the backward: less memory, slower")
+    add("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="channels-last on CUDA")
+    add("--compile", action="store_true", help="torch.compile the model (slower on a small CPU; on CPU use --no-amp)")
     add("--seed", type=int, default=0, help="initial weights and data order")
     add = p.add_argument_group("run").add_argument
-    add("--out-dir", help="where config.json, log.jsonl, metrics.json, checkpoint.pt and vis/ go (default: "
-        "runs/<dataset>; predictions/ for --predict)")
-    add("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt with its config (a training "
-        "flag given must equal the checkpoint's)")
-    add("--overwrite", action="store_true", help="replace the run in --out-dir (a new run into a folder holding a "
-        "checkpoint refuses without it)")
+    add("--out-dir", help="for config.json, log.jsonl, metrics.json, checkpoint.pt, vis/ (default: runs/<dataset>; "
+        "predictions for --predict)")
+    add("--resume", action="store_true", help="continue <out-dir>/checkpoint.pt with its flags")
+    add("--overwrite", action="store_true", help="replace the run in --out-dir")
     add("--eval-only", metavar="CKPT", help="evaluate a checkpoint on the val split and exit")
     add("--eval-every", **num, default=10, help="epochs between evaluations; the last is always evaluated")
     add("--log-every", **num, default=20, help="steps between progress lines")
     add("--baselines", nargs="+", metavar="JSON", help="single-task metrics.json files for Delta_m")
     add("--device", help="cuda or cpu (default: cuda if available)")
     add = p.add_argument_group("predict on your own images").add_argument
-    add("--predict", nargs="+", metavar="PATH", help="predict on your own image files or folders; needs --checkpoint")
+    add("--predict", nargs="+", metavar="PATH", help="image files or folders to predict on; needs --checkpoint")
     add("--checkpoint", help="checkpoint for --predict; it holds everything the model needs")
     add = p.add_argument_group("benchmark").add_argument
     add("--benchmark", action="store_true", help="time training and evaluation steps on random data")
     add("--benchmark-steps", **num, default=5, help="timed steps")
-    add("--benchmark-warmup", type=non_negative_int, default=2, help="untimed warm-up steps")
+    add("--benchmark-warmup", **count, default=2, help="untimed warm-up steps")
     add("--benchmark-json", metavar="PATH", help="also write the numbers as JSON")
     add("--peak-tflops", **pos, help="device bf16 dense peak for MFU (default: from the GPU's name)")
     add("--naive-attention", action="store_true", help=argparse.SUPPRESS)  # memory comparison only
-    add = p.add_argument_group("summaries of several runs").add_argument
-    add("--summarize", nargs="+", metavar="RUN_DIR", help="print one Markdown table of finished runs: per "
-        "configuration mean +- std over seeds and Delta_m against the single-task runs among them")
+    add("--summarize", nargs="+", metavar="RUN_DIR", help="one Markdown table of finished runs: mean +- std over "
+        "seeds per configuration, Delta_m against the single-task runs among them")
     args = p.parse_args(argv)
     if args.predict and not args.checkpoint:
         p.error("--predict needs --checkpoint")
@@ -920,22 +912,21 @@ def fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.eval_batch_size = args.eval_batch_size or args.batch_size
-    unknown = set(args.tasks) - set(dataset["tasks"])
-    if unknown:
-        raise UserError(f"--tasks: {sorted(unknown)} are not tasks of {args.dataset} ({list(dataset['tasks'])})")
+    if set(args.tasks) - set(dataset["tasks"]):
+        raise UserError(f"--tasks: {sorted(set(args.tasks) - set(dataset['tasks']))} are not tasks of {args.dataset} "
+                        f"({list(dataset['tasks'])})")
     return args
 
 
 def flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
+
 # Flags that say how to run, not what is trained: a resumed run takes them from the command line.
 RUNTIME_FLAGS = ("resume", "out_dir", "workers", "device", "log_every", "eval_every", "eval_batch_size", "data_root",
                  "grad_checkpointing", "launch")
 # The flags --eval-only uses; the dataset, tasks and model come from the checkpoint.
 EVAL_FLAGS = ("eval_only", "data_root", "eval_batch_size", "workers", "device", "out_dir", "amp", "baselines")
-
-
 CHECKPOINT_KEYS = ("model", "optimizer", "balancer", "epoch", "step", "args", "num_outputs", "normalization")
 
 
@@ -1005,42 +996,39 @@ def read_log(path: Path) -> list[dict]:
 
 @dataclasses.dataclass
 class Run:
+    """A run's state, resolved once: its flags, this process's place among torchrun's, the checkpoint it resumes."""
     args: argparse.Namespace
-    ddp: bool  # under torchrun; rank, local_rank, world as torchrun numbers the processes
-    rank: int
-    local_rank: int
+    rank: int  # as torchrun numbers the processes; 0 of 1 without torchrun
     world: int
     device: torch.device
-    checkpoint: dict | None = None  # the one to resume from, read once
+    checkpoint: dict | None = None
 
     def path(self, name: str) -> Path:  # a file in --out-dir
         return Path(self.args.out_dir) / name
 
 
-def setup_distributed(device_name: str | None) -> tuple[bool, int, int, int, torch.device]:
+def setup_distributed(device_name: str | None) -> tuple[int, int, torch.device]:
     """Reads torchrun's environment (never a --local_rank flag) and joins the process group, nccl on CUDA and
-    gloo on CPU. Returns (ddp, rank, local_rank, world_size, device)."""
-    ddp = "RANK" in os.environ
-    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    gloo on CPU. Returns (rank, world size, device)."""
+    rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))
     device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if ddp:
+    if "RANK" in os.environ:
         # torchrun's agent keeps one store for every attempt of a job (--max-restarts): a restarted worker would
         # find the dead workers' addresses there and time out connecting to them. One key prefix per attempt.
         store, _, _ = next(dist.rendezvous("env://"))
         store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world)
-    return ddp, rank, local_rank, world, device
+    return rank, world, device
 
 
 def resolve_run(args: argparse.Namespace, given: set[str], argv: list[str] | None) -> Run:
     """The Run of these flags. Resuming (--resume, or a worker that torchrun restarted after a failure and that
     finds its own job's checkpoint) takes every training flag from the checkpoint."""
-    # How this process was launched: torchrun's job id and the command line, so that a restarted worker knows
-    # the checkpoint of its own job.
+    # How this process was launched, so that a restarted worker knows the checkpoint of its own job.
     args.launch = dict(run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
                        argv=[str(a) for a in (sys.argv[1:] if argv is None else argv)])
     path = Path(args.out_dir or f"runs/{args.dataset}") / "checkpoint.pt"
@@ -1094,18 +1082,16 @@ def autocast(device: torch.device, enabled: bool):
 
 def broadcast_buffers(model: nn.Module) -> None:
     """Rank 0's buffers (BN statistics) to every rank before an evaluation: each rank updated its own copy."""
-    if dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+    for buffer in model.buffers() if dist.is_initialized() else ():
+        dist.broadcast(buffer, src=0)
 
 
 def all_reduce_grads(params: list[nn.Parameter]) -> None:
     """Averages the gradients of parameters outside the DDP module (the UW balancer's log-variances)."""
-    if dist.is_initialized():
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+    for p in params if dist.is_initialized() else ():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1189,12 +1175,11 @@ def evaluate(model: nn.Module, dataset, *, device: torch.device, batch_size: int
         with autocast(device, amp):
             preds, _ = model(batch["image"].to(device, non_blocking=True))
         for t in preds:
-            target = batch[t]
-            if isinstance(target, torch.Tensor):  # one label size for the whole batch
-                metrics.update({t: resize_to(preds[t], target.shape[-2:])}, {t: target.to(device)})
-            else:  # labels of several sizes: one image at a time
-                for pred, tgt in zip(preds[t], target):
-                    metrics.update({t: resize_to(pred[None], tgt.shape[-2:])}, {t: tgt[None].to(device)})
+            # labels of one size arrive as one tensor, labels of several sizes as a list: one image at a time
+            pairs = [(preds[t], batch[t])] if isinstance(batch[t], torch.Tensor) else [
+                (p[None], g[None]) for p, g in zip(preds[t], batch[t])]
+            for pred, target in pairs:
+                metrics.update({t: resize_to(pred, target.shape[-2:])}, {t: target.to(device)})
     return metrics.compute()
 
 
@@ -1204,11 +1189,7 @@ def to_numpy(task: str, pred: torch.Tensor) -> np.ndarray:
     pred = pred.float()
     if task in ("semseg", "human_parts"):
         return pred.argmax(0).cpu().numpy()
-    if task == "normals":
-        return F.normalize(pred, dim=0).cpu().numpy()
-    if task == "sal":
-        return torch.sigmoid(pred).cpu().numpy()
-    return pred.cpu().numpy()
+    return {"normals": F.normalize(pred, dim=0), "sal": torch.sigmoid(pred)}.get(task, pred).cpu().numpy()
 
 
 @torch.no_grad()
@@ -1244,12 +1225,8 @@ def constant_predictor_metrics(constants: dict[str, torch.Tensor], val_set, *, r
 
 def format_metrics(results: dict) -> str:
     """One line per task, the headline metric first."""
-    lines = []
-    for t, values in results.items():
-        key = HEADLINE[t][0]
-        rest = "  ".join(f"{k} {v:.4g}" for k, v in values.items() if k != key)
-        lines.append(f"  {t:<12} {key} {values[key]:.4g}  |  {rest}")
-    return "\n".join(lines)
+    return "\n".join(f"  {t:<12} {HEADLINE[t][0]} {values[HEADLINE[t][0]]:.4g}  |  " + "  ".join(
+        f"{k} {v:.4g}" for k, v in values.items() if k != HEADLINE[t][0]) for t, values in results.items())
 
 
 def load_baselines(files: list[str] | None, tasks: list[str]) -> dict:
@@ -1290,18 +1267,17 @@ def write_metrics(path: Path, args, results: dict, *, epoch: int, reference: dic
 def start_out_dir(run: Run) -> bool:
     """Prepares --out-dir once the data is there (a run that cannot start leaves no folder). Returns whether
     the resumed checkpoint's epoch record is missing from log.jsonl (a kill after the save), to be redone."""
-    args, out_dir = run.args, Path(run.args.out_dir)
     records = []
     if run.checkpoint is not None:  # read by every rank before rank 0 rewrites the log
         records = [r for r in read_log(run.path("log.jsonl")) if r["epoch"] <= run.checkpoint["epoch"]]
-        if run.ddp:
+        if dist.is_initialized():
             dist.barrier()
     if run.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        run.path("checkpoint.pt").with_suffix(".tmp").unlink(missing_ok=True)  # left by a kill during a save
+        Path(run.args.out_dir).mkdir(parents=True, exist_ok=True)
+        run.path("checkpoint.tmp").unlink(missing_ok=True)  # left by a kill during a save
         for name in ("metrics.json", "log.jsonl", "checkpoint.pt") if run.checkpoint is None else ():  # --overwrite
-            (out_dir / name).unlink(missing_ok=True)
-        write_file(out_dir / "config.json", json.dumps(vars(args), indent=2))
+            run.path(name).unlink(missing_ok=True)
+        write_file(run.path("config.json"), json.dumps(vars(run.args), indent=2))
         if run.checkpoint is not None:  # one record per epoch up to the checkpoint's
             write_file(run.path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     return run.checkpoint is not None and "log" in run.checkpoint and run.checkpoint["epoch"] not in [
@@ -1358,10 +1334,9 @@ def train(run: Run) -> dict:
         optimizer.load_state_dict(checkpoint["optimizer"])
         balancer.load_state_dict(checkpoint["balancer"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-    if args.compile:
-        model = torch.compile(model)  # before the DDP wrap; checkpoints hold raw_model
-    if run.ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[run.local_rank] if device.type == "cuda" else None)
+    model = torch.compile(model) if args.compile else model  # before the DDP wrap; checkpoints hold raw_model
+    if dist.is_initialized():
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     # The same sampler for 1 or N processes: a seeded shuffle per epoch, so a resumed run sees the same order.
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=run.world, rank=run.rank, shuffle=True,
@@ -1412,7 +1387,7 @@ def train(run: Run) -> dict:
                           + f" | lr {lr:.2e} | {global_batch / per_step:.1f} img/s"
                           f" | ETA {datetime.timedelta(seconds=round(per_step * (total_steps - step)))}", flush=True)
         epoch_time = time.perf_counter() - epoch_start
-        if run.ddp:
+        if dist.is_initialized():
             dist.all_reduce(sums)
         balancer.end_epoch()  # all-reduces its statistics: every rank gets the same weights
         record = dict(epoch=epoch + 1, step=step, lr=lr, losses=dict(zip(tasks, (sums / (len(loader) * run.world)).tolist())),
@@ -1430,8 +1405,8 @@ def train(run: Run) -> dict:
     toy = args.dataset == "toy"
     reference = constant_predictor_metrics(constants, val_set, rank=run.rank, world=run.world) if toy else None
     if run.rank == 0:
-        save_visuals(raw_model, val_set, Path(args.out_dir) / "vis", device=device, amp=args.amp)
-        write_metrics(Path(args.out_dir) / "metrics.json", args, results, epoch=args.epochs, reference=reference)
+        save_visuals(raw_model, val_set, run.path("vis"), device=device, amp=args.amp)
+        write_metrics(run.path("metrics.json"), args, results, epoch=args.epochs, reference=reference)
     return results
 
 
@@ -1471,6 +1446,23 @@ def evaluate_checkpoint(run: Run) -> dict:
     return results
 
 
+def image_batches(paths, batch_size: int, failed: list[str]):
+    """Lists of up to batch_size (path, decoded image) of one size, in order; unreadable files go to `failed`."""
+    batch = []
+    for path in paths:
+        try:
+            image = data.read_image(path)
+        except Exception as e:
+            failed.append(f"{path}: {e}")
+            continue
+        if batch and (len(batch) == batch_size or batch[0][1].shape != image.shape):
+            yield batch
+            batch = []
+        batch.append((path, image))
+    if batch:
+        yield batch
+
+
 @torch.no_grad()
 def predict(run: Run) -> None:
     """Writes per image and task a PNG picture and the raw values (.npy: class ids int64, depth metres, unit
@@ -1487,36 +1479,17 @@ def predict(run: Run) -> None:
     mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
     out_dir = Path(args.out_dir or "predictions")
     out_dir.mkdir(parents=True, exist_ok=True)
-    failed, sizes = [], {}
-    for path in stems:  # grouped by size, so that a batch shares one output size
-        try:
-            with Image.open(path) as im:
-                sizes.setdefault((im.height, im.width), []).append(path)
-        except Exception as e:
-            failed.append(f"{path}: {e}")
-    n = args.batch_size or 8
-    batches = [group[i:i + n] for group in sizes.values() for i in range(0, len(group), n)]
-    done, start = 0, time.perf_counter()
-    for batch in batches:
-        images, names = [], []
-        for path in batch:
-            try:
-                images.append(data.read_image(path))
-                names.append(path)
-            except Exception as e:
-                failed.append(f"{path}: {e}")
-        if not images:
-            continue
-        x = torch.stack([data.to_input(im, model.img_size, mean, std) for im in images]).to(device)  # (B, 3, H, W)
+    failed, done, start = [], 0, time.perf_counter()
+    for batch in image_batches(stems, args.batch_size or 8, failed):
+        x = torch.stack([data.to_input(image, model.img_size, mean, std) for _, image in batch]).to(device)
         with autocast(device, args.amp):
-            preds, _ = model(x)
+            preds, _ = model(x)  # (B, C, H, W) at the model's input size
         for t, pred in preds.items():
-            pred = resize_to(pred, images[0].shape[:2])  # (B, C, h, w) at the images' own size
-            for path, p in zip(names, pred):
+            for (path, _), p in zip(batch, resize_to(pred, batch[0][1].shape[:2])):  # at the images' own size
                 value = to_numpy(t, p)
                 np.save(out_dir / f"{stems[path]}_{t}.npy", value)
                 Image.fromarray(data.colorize(t, value)).save(out_dir / f"{stems[path]}_{t}.png")
-        done += len(names)
+        done += len(batch)
         print(f"predicted {done}/{len(stems)} images ({done / (time.perf_counter() - start):.1f} img/s) -> {out_dir}",
               flush=True)
     if failed:
@@ -1540,7 +1513,7 @@ def _cpu_attention_flops(q, k, v, *_, backward: bool = False) -> int:
 
 def benchmark(run: Run) -> dict:
     """Times train_step() and evaluation forwards on random data of the dataset's shapes, counts their FLOPs,
-    and prints one table (--benchmark-json: also as JSON)."""
+    and prints them (--benchmark-json: also as JSON)."""
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     args, device, cuda = run.args, run.device, run.device.type == "cuda"
@@ -1564,15 +1537,16 @@ def benchmark(run: Run) -> dict:
                     else torch.rand(B, 1, H, W, device=device) * 9 + 0.5)
 
     def step(net: nn.Module = step_model) -> float:
+        model.train()
         return train_step(net, balancer, optimizer, batch, args=args, device=device, lr=args.lr)[0].item()
 
     @torch.no_grad()
     def forward(net: nn.Module = step_model) -> None:
+        model.eval()
         with autocast(device, args.amp):
             net(batch["image"])
 
-    def timed(fn, training: bool) -> float:
-        model.train(training)
+    def seconds(fn) -> float:  # per call, after --benchmark-warmup calls
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         for _ in range(args.benchmark_warmup):
             fn()
@@ -1583,8 +1557,7 @@ def benchmark(run: Run) -> dict:
         sync()
         return (time.perf_counter() - start) / args.benchmark_steps
 
-    def gflops_per_image(fn, training: bool) -> float:  # of one eager step
-        model.train(training)
+    def gflops_per_image(fn) -> float:  # of one eager call
         aten = torch.ops.aten
         with FlopCounterMode(display=False, custom_mapping={
                 aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *a, **kw: _cpu_attention_flops(q, k, v),
@@ -1595,34 +1568,26 @@ def benchmark(run: Run) -> dict:
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model.train()
     start = time.perf_counter()
     first_loss = step()  # same seed, weights and data: compares eager with --compile, fp32 with bf16
     first_step_s = time.perf_counter() - start  # includes the compilation with --compile
-    train_time = timed(step, True)
+    train_s = seconds(step)
     peak = (torch.cuda.max_memory_allocated() / 2**30 if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB (Linux)
-    eval_time = timed(forward, False)
-    train_gflops, eval_gflops = gflops_per_image(step, True), gflops_per_image(forward, False)
+    eval_s = seconds(forward)
+    train_gflops, eval_gflops = gflops_per_image(step), gflops_per_image(forward)
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     peak_tflops = (args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)) if cuda else None
-    achieved = train_gflops * B / train_time / 1e3 if cuda else None
-    r = dict(device=name, dataset=args.dataset, img_size=list(args.img_size), batch_size=B,
-             amp=bool(args.amp) and bf16_ready(device), compile=bool(args.compile), channels_last=cuda and args.channels_last,
-             naive_attention=bool(args.naive_attention), params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-             first_step_s=first_step_s, first_step_loss=first_loss, train_img_per_s=B / train_time,
-             eval_img_per_s=B / eval_time, peak_memory_gib=peak, peak_memory_kind="CUDA max allocated" if cuda
-             else "process peak RSS", train_gflops_per_img=train_gflops, eval_gflops_per_img=eval_gflops,
-             achieved_tflops=achieved, mfu=achieved / peak_tflops if achieved and peak_tflops else None,
-             peak_bf16_tflops=peak_tflops)
-    print(f"device         {name}\ninput          {B} x 3 x {H} x {W}, amp {r['amp']}, compile {r['compile']}\n"
-          f"parameters     {r['params_m']:.2f} M\nfirst step     {first_step_s:.1f} s"
-          + (" (compilation included)" if args.compile else "") + f", loss {first_loss:.6f}\n"
-          f"train          {r['train_img_per_s']:.2f} img/s ({train_time * 1e3:.0f} ms/step)\n"
-          f"eval           {r['eval_img_per_s']:.2f} img/s\npeak memory    {peak:.2f} GiB ({r['peak_memory_kind']})\n"
-          f"GFLOPs / img   train step {train_gflops:.1f}, eval forward {eval_gflops:.1f}\nachieved       "
-          + (f"{achieved:.1f} TFLOP/s" if cuda else "n/a (CPU)") + "\nMFU            "
-          + (f"{100 * r['mfu']:.1f} % of {peak_tflops:.0f} TFLOP/s bf16 dense" if r["mfu"] else "n/a"), flush=True)
+    achieved = train_gflops * B / train_s / 1e3 if cuda else None
+    r = dict(device=name, dataset=args.dataset, img_size=[H, W], batch_size=B,
+             amp=args.amp and bf16_ready(device), compile=args.compile, channels_last=cuda and args.channels_last,
+             naive_attention=args.naive_attention, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+             first_step_s=first_step_s, first_step_loss=first_loss, train_img_per_s=B / train_s,
+             train_ms_per_step=1e3 * train_s, eval_img_per_s=B / eval_s, peak_memory_gib=peak,
+             peak_memory_kind="CUDA max allocated" if cuda else "process peak RSS", train_gflops_per_img=train_gflops,
+             eval_gflops_per_img=eval_gflops, achieved_tflops=achieved, peak_bf16_tflops=peak_tflops,
+             mfu=achieved / peak_tflops if achieved and peak_tflops else None)
+    print("\n".join(f"{k:<21} {v:.6g}" if isinstance(v, float) else f"{k:<21} {v}" for k, v in r.items()), flush=True)
     if args.benchmark_json:
         write_file(Path(args.benchmark_json), json.dumps(r, indent=2))
     return r
@@ -1631,7 +1596,16 @@ def benchmark(run: Run) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Summaries of several runs: one Markdown table over seeds, with Delta_m
 
-def _config_flags(config: dict, defaults: dict) -> tuple[str, ...]:
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"--summarize: {path.parent} has no {path.name} (not a run folder, or a run not finished)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--summarize: cannot read {path}: {e}") from e
+
+
+def _config_flags(config: dict, defaults: dict) -> list[str]:
     """The flags that set what is trained to other than the defaults, as typed ('--no-cfm', '--balancer uw');
     how a run is run (RUNTIME_FLAGS), its seed and its --baselines do not count."""
     flags = []
@@ -1643,16 +1617,7 @@ def _config_flags(config: dict, defaults: dict) -> tuple[str, ...]:
             flags.append(flag(key) if value else "--no-" + flag(key)[2:])
         else:
             flags.append(" ".join([flag(key), *map(str, value if isinstance(value, list) else [value])]))
-    return tuple(flags)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"--summarize: {path.parent} has no {path.name} (not a run folder, or a run not finished)")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"--summarize: cannot read {path}: {e}") from e
+    return flags
 
 
 def _mean_std(values: list[float], decimals: int, sign: str = "") -> str:
@@ -1665,7 +1630,7 @@ def summarize(folders: list[str]) -> str:
     """Prints one Markdown table of finished runs: a row per configuration (runs that differ only in --seed),
     per task its headline metric as mean ± std over seeds, and Delta_m per seed, then mean ± std, against the
     seed-means of the single-task runs among the folders. Flags shared by every run are listed once, first."""
-    runs_read, dataset, defaults = [], None, None  # (folder, seed, metrics, flags)
+    runs_read, dataset = [], None  # (folder, seed, metrics, flags)
     for folder in folders:
         metrics, config = _read_json(Path(folder) / "metrics.json"), _read_json(Path(folder) / "config.json")
         try:
@@ -1675,8 +1640,8 @@ def summarize(folders: list[str]) -> str:
         if dataset not in (None, run_dataset):
             raise UserError(f"--summarize: {folder} is a {run_dataset} run, the runs before it {dataset} runs: "
                             "summarize one dataset at a time")
-        # what a configuration's name is relative to: the config.json of a run given no flag but --dataset
-        dataset, defaults = run_dataset, defaults or vars(fill_defaults(get_args(["--dataset", run_dataset])[0]))
+        # a configuration is named relative to the config of a run given no flag but --dataset
+        dataset, defaults = run_dataset, vars(fill_defaults(get_args(["--dataset", run_dataset])[0]))
         runs_read.append((folder, seed, results, _config_flags(config, defaults)))
     # the flags of every run, but --tasks: the single-task runs keep their names
     shared = {f for f in set.intersection(*(set(flags) for *_, flags in runs_read)) if not f.startswith("--tasks")}
@@ -1692,12 +1657,11 @@ def summarize(folders: list[str]) -> str:
     single = {f"--tasks {t}": t for t in tasks}  # name of each task's single-task configuration
     baselines = {t: {HEADLINE[t][0]: statistics.mean(r[t][HEADLINE[t][0]] for r in runs[name])}
                  for name, t in single.items() if name in runs}
-    # full first, then in the order first seen, the baselines last (sorted() keeps that order within a key)
-    names = sorted(runs, key=lambda name: 2 if name in single else int(name != "full"))
     lines = ["| configuration | " + " | ".join(f"{t} {HEADLINE[t][0]} {'↑' if HEADLINE[t][1] > 0 else '↓'}"
                                               for t in tasks) + " | seeds | Delta_m, % |", "|---" * (len(tasks) + 3) + "|"]
     lacking = set()
-    for name in names:
+    # full first, then in the order first seen, the baselines last (sorted() keeps that order within a key)
+    for name in sorted(runs, key=lambda name: 2 if name in single else int(name != "full")):
         # depth RMSE in metres to 4 decimals, as the papers' tables; mIoU in % and angles in degrees to 2
         cells = [_mean_std([r[t][HEADLINE[t][0]] for r in runs[name]], 4 if t == "depth" else 2)
                  if t in runs[name][0] else "" for t in tasks]
@@ -1725,22 +1689,16 @@ def main(argv: list[str] | None = None):
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     run = resolve_run(args, given, argv)
     try:
-        if run.args.predict:
-            return predict(run)
-        if run.args.eval_only:
-            return evaluate_checkpoint(run)
-        if run.args.benchmark:
-            return benchmark(run)
-        return train(run)
+        mode = predict if args.predict else evaluate_checkpoint if args.eval_only else benchmark if args.benchmark else train
+        return mode(run)
     except KeyboardInterrupt:
-        args = run.args
-        if args.predict or args.eval_only or args.benchmark:
+        if mode is not train:
             raise Interrupted("interrupted") from None
         if not run.path("checkpoint.pt").is_file():
             raise Interrupted("interrupted before the first checkpoint: nothing to resume") from None
         epoch = read_checkpoint(run.path("checkpoint.pt"), "--resume")["epoch"]  # on disk: Ctrl-C may fall in a save
-        then = f"continues from epoch {epoch + 1}" if epoch < args.epochs else "evaluates its last epoch"
-        raise Interrupted(f"interrupted; `python mtcp.py --resume --out-dir {args.out_dir}` {then}") from None
+        then = f"continues from epoch {epoch + 1}" if epoch < run.args.epochs else "evaluates its last epoch"
+        raise Interrupted(f"interrupted; `python mtcp.py --resume --out-dir {run.args.out_dir}` {then}") from None
 
 
 @record  # under torchrun, an unexpected error's traceback reaches torchrun's failure summary

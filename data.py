@@ -121,6 +121,29 @@ def to_input(img, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return normalize(augment(img, {}, size)[0], mean, std)
 
 
+MAX_DEPTH = 20.0  # m: NYUD depth is in metres, indoors; larger values are another unit (millimetres)
+
+
+def check_values(task, arr, path, stored=None):
+    """The value checks of decoded depth and normals, shared by the readers and `data.py check`: depth in metres,
+    0 (invalid) or in (0, MAX_DEPTH]; normals unit vectors or zero (invalid; |n| <= 0.01), at most 1 % of them
+    off by more than 0.1 in length. `stored`: the dtype of a .npy file, which must be float."""
+    mm = ": millimetres? NYUD depth is in metres" if task == "depth" and arr.max(initial=0) > 100 else ""
+    if stored is not None and not np.issubdtype(stored, np.floating):
+        raise DataError(f"{path}: {task} stored as {stored} (values {arr.min():g}..{arr.max():g}); expected float "
+                        + ("metres" if task == "depth" else "unit vectors") + mm)
+    if not np.isfinite(arr).all():
+        raise DataError(f"{path}: {task} has non-finite values")
+    if task == "depth" and (arr.min() < 0 or arr.max() > MAX_DEPTH):
+        raise DataError(f"{path}: depth values {arr.min():.4g}..{arr.max():.4g}, expected metres in 0..{MAX_DEPTH:g}" + mm)
+    if task == "normals":
+        norm = np.linalg.norm(arr.reshape(-1, 3), axis=1)
+        bad = norm[(norm > 0.01) & (np.abs(norm - 1) > 0.1)]
+        if bad.size > 0.01 * norm.size:
+            raise DataError(f"{path}: {bad.size / norm.size:.1%} of the normals are neither unit vectors nor zero "
+                            f"(lengths {bad.min():.3g}..{bad.max():.3g})")
+
+
 class _MultiTask(torch.utils.data.Dataset):
     """Shared by NYUD and PASCALContext: split file, decoding, augmentation, tensors. Each training sample seeds
     a numpy Generator from torch's RNG (per worker and epoch in a DataLoader; torch.manual_seed reproduces a run).
@@ -139,6 +162,10 @@ class _MultiTask(torch.utils.data.Dataset):
             what, path = ("split file", split_file) if os.path.isdir(self.root) else ("dataset root", self.root)
             raise DataError(f"{what} not found: {path}. Expected the {self.layout}")
         self.ids = Path(split_file).read_text().split()
+        twice = [i for i, n in Counter(self.ids).items() if n > 1]
+        if not self.ids or twice:  # an image listed twice would be trained on and scored twice
+            raise DataError(f"{split_file} lists " + (f"{len(twice)} ids more than once (first: {twice[:3]})"
+                                                      if twice else "no images"))
         self.num_outputs = {t: self.channels[t] for t in self.tasks}
 
     def __len__(self):
@@ -158,18 +185,19 @@ class _MultiTask(torch.utils.data.Dataset):
         if task == "human_parts":
             return _human_parts(path, hw)
         arr = _read(path, {"normals": "RGB", "sal": "L"}.get(task))
+        raw = arr
         if task == "normals":  # png stores v = (n + 1) * 255 / 2
             arr = arr * np.float32(2 / 255) - 1 if path.endswith(".png") else arr.astype(np.float32)
         elif task == "depth":
             arr = np.squeeze(arr).astype(np.float32)
-        if arr.shape != ((*hw, 3) if task == "normals" else hw):
-            raise DataError(f'{path}: label size {"x".join(map(str, arr.shape))} does not match image size '
-                            f'{hw[0]}x{hw[1]}')
-        if task == "semseg":
-            return self.semseg(arr, path)
-        if arr.dtype == np.float32 and not np.isfinite(arr).all() or task == "depth" and arr.min() < 0:
-            raise DataError(f"{path}: {task} has negative or non-finite values")
-        return arr
+        size = "x".join(map(str, arr.shape))
+        if task == "normals" and (arr.ndim != 3 or arr.shape[2] != 3):
+            raise DataError(f"{path}: normals of shape {size}, expected {hw[0]}x{hw[1]}x3 (a 3-vector per pixel)")
+        if arr.shape[:2] != hw:
+            raise DataError(f"{path}: label size {size} does not match image size {hw[0]}x{hw[1]}")
+        if task in ("depth", "normals"):
+            check_values(task, arr, path, raw.dtype if path.endswith(".npy") else None)
+        return self.semseg(arr, path) if task == "semseg" else arr
 
     def load(self, i):
         """Sample i decoded, before augmentation: image (H, W, 3) uint8 and {task: array at (H, W)}."""
@@ -600,11 +628,8 @@ def _inspect(ds, i, strict):
             stats["classes"] = set(np.unique(arr).tolist()) - {255}
         elif task == "depth":
             stats["depth"] = (arr[arr > 0].min(initial=np.inf), arr.max(), (arr == 0).mean())
-        elif task == "normals":
-            norm = np.linalg.norm(arr, axis=-1)
-            stats["zero"], bad = (norm <= 0.01).mean(), ((norm > 0.01) & (np.abs(norm - 1) > 0.1)).mean()
-            if bad > 0.01:
-                problems.append(f"{ds.find(task, ds.ids[i])}: {bad:.1%} of the normals are neither unit nor 0")
+        elif task == "normals":  # values checked by check_values when decoded
+            stats["zero"] = (np.linalg.norm(arr, axis=-1) <= 0.01).mean()
         elif task == "sal":  # distilled saliency is soft: report how much
             stats["grey"] = ((arr > 0) & (arr < 255)).mean()
         elif task == "human_parts":

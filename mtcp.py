@@ -778,8 +778,10 @@ import argparse
 import dataclasses
 import datetime
 import difflib
+import fcntl
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -805,9 +807,15 @@ class UserError(Exception):
     without a traceback, and exits with USER_ERROR_EXIT on every rank. data.DataError is reported the same way."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers send before they kill a job: raised where the program is, handled as Ctrl-C."""
+
+
 class Interrupted(UserError):
-    """Ctrl-C, reported with how to continue, and the shell's exit code for SIGINT."""
-    exit_code = 130
+    """Ctrl-C or SIGTERM, reported with how to continue, and the shell's exit code for that signal."""
+    def __init__(self, message: str, *, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -930,8 +938,85 @@ EVAL_FLAGS = ("eval_only", "data_root", "eval_batch_size", "workers", "device", 
 CHECKPOINT_KEYS = ("model", "optimizer", "balancer", "epoch", "step", "args", "num_outputs", "normalization")
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Files: every output written atomically, the output folder held by one run, checkpoints checked when read
+
+def write_atomic(path: Path, write, hint: str = "") -> None:
+    """Writes `path` through a temporary file in the same folder and a rename: the file is complete or absent
+    (a kill, a full disk), and a symlink at `path` is replaced, never followed. write(f) fills the binary file f.
+    A failed write is a UserError naming the file, with `hint` appended."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.unlink(missing_ok=True)  # a leftover, or a planted link: O_EXCL below never follows one
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a partial file would keep a full disk full
+        if isinstance(e, (OSError, RuntimeError)):  # ENOSPC, EROFS, ENAMETOOLONG; torch.save's "unexpected pos"
+            raise UserError(f"cannot write {path} ({(str(e).splitlines() or [type(e).__name__])[0]}){hint}") from e
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a log.jsonl; a line cut short (by a file system that lost it) is dropped."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        with contextlib.suppress(ValueError):
+            records.append(json.loads(line))
+    return records
+
+
+def _lock_holder(folder: Path) -> str:
+    """' (pid N)' of the process holding the flock on `folder`, from /proc/locks where it can be read."""
+    st = os.stat(folder)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    with contextlib.suppress(OSError):
+        for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()):
+            if fields[1:2] == ["FLOCK"] and fields[5:6] == [inode]:
+                return f" (pid {fields[4]})"
+    return ""
+
+
+@contextlib.contextmanager
+def hold_folder(folder: Path, flag: str):
+    """`folder` for this process alone, checked before any work: created if absent (and removed again, with the
+    parents it needed, if the run leaves it empty), refused if it is a file, cannot be written, or is held by another
+    process. The lock is an flock on the folder itself, which the kernel releases when the holder exits, killed too."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder")
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # the folders this run makes, deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag}: cannot create {folder} ({e.strerror or e})") from None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {folder} is not writable")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{flag} {folder} is in use by another mtcp run{_lock_holder(folder)}: wait for it to "
+                            f"finish or choose another folder") from None
+        except OSError as e:  # a file system without flock (some Lustre or NFS mounts)
+            print(f"warning: cannot lock {folder} ({e.strerror}): make sure no other run writes into it", flush=True)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if the run wrote nothing there
+
+
 def read_checkpoint(path, flag: str) -> dict:
-    """The checkpoint at `path`; a UserError naming `flag` if it is missing, unreadable, cut short or lacks a key."""
+    """The checkpoint at `path`, checked once: a UserError naming `flag` and the file if it is missing, unreadable,
+    cut short, lacks a key (its args included) or holds an inf / NaN."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag}: no checkpoint at {path}")
@@ -942,8 +1027,13 @@ def read_checkpoint(path, flag: str) -> dict:
                else "not a complete file written by torch.save")
         raise UserError(f"{flag}: {path} is not a readable checkpoint ({why})") from e
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+    missing += [f"args.{k}" for k in vars(get_args([])[0]) if not missing and k not in checkpoint["args"]]
     if missing:
-        raise UserError(f"{flag}: {path} is not an mtcp checkpoint (no {', '.join(missing)})")
+        raise UserError(f"{flag}: {path} is not a checkpoint of this mtcp (no {', '.join(missing[:5])})")
+    bad = non_finite({k: checkpoint[k] for k in ("model", "optimizer", "balancer")})
+    if bad:
+        raise UserError(f"{flag}: {path} holds non-finite values in {len(bad)} tensors ({', '.join(bad[:4])}"
+                        f"{', ...' if len(bad) > 4 else ''}); it cannot be used")
     return checkpoint
 
 
@@ -958,40 +1048,16 @@ def non_finite(obj, name: str = "") -> list[str]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Writes a temporary file and renames it, so a crash or a full disk never leaves a broken checkpoint; a state
-    with an inf / NaN (weights, BN statistics, Adam moments) is never written, the previous checkpoint stays."""
+    """Writes the checkpoint atomically; a state with an inf / NaN (weights, BN statistics, Adam moments) is never
+    written, and on a full disk the previous checkpoint stays."""
     bad = non_finite({k: state[k] for k in ("model", "optimizer", "balancer")})
     if bad:
         raise FloatingPointError(
             f"non-finite values after epoch {state['epoch']}/{state['args']['epochs']} in {len(bad)} tensors "
             f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); stopping without saving them. The last good "
             f"checkpoint is {path}" + ("" if path.exists() else " (none yet)"))
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # a full disk: torch's "unexpected pos" RuntimeError or ENOSPC
-        tmp.unlink(missing_ok=True)  # a partial file would keep the disk full
-        raise UserError(f"cannot write the checkpoint {path} ({str(e).splitlines()[0]}); the previous checkpoint "
-                        f"is kept. Free some space, then continue with --resume") from e
-
-
-def write_file(path: Path, text: str, mode: str = "w") -> None:
-    """Writes (mode 'a': appends) text; a full disk is a UserError naming the file."""
-    try:
-        with open(path, mode) as f:
-            f.write(text)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
-
-
-def read_log(path: Path) -> list[dict]:
-    """The records of a log.jsonl; a line cut short by a kill is dropped."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        with contextlib.suppress(ValueError):
-            records.append(json.loads(line))
-    return records
+    write_atomic(path, lambda f: torch.save(state, f), hint="; the previous checkpoint is kept. Free some space, "
+                 "then continue with --resume")
 
 
 @dataclasses.dataclass
@@ -1054,6 +1120,10 @@ def resolve_run(args: argparse.Namespace, given: set[str], argv: list[str] | Non
     if args.eval_only and given - set(EVAL_FLAGS):
         raise UserError(f"--eval-only takes the dataset, tasks and model from {args.eval_only}; it does not use "
                         + ", ".join(map(flag, sorted(given - set(EVAL_FLAGS)))))
+    if args.eval_only:  # where the modes write: --out-dir, by default next to the checkpoint / predictions/
+        args.out_dir = args.out_dir or str(Path(args.eval_only).parent / "eval")
+    elif args.predict:
+        args.out_dir = args.out_dir or "predictions"
     run = Run(args, *setup_distributed(args.device), checkpoint=checkpoint)
     if args.workers is None:  # on CPU, worker processes compete with torch's threads for the same cores
         cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -1102,14 +1172,14 @@ def build_model(args, num_outputs: dict[str, int]) -> MTCP:
         close = difflib.get_close_matches(args.backbone.split(".")[0], timm.list_models(), n=5)
         raise UserError(f"--backbone {args.backbone} is not a timm model" + (f"; close names: {', '.join(close)}"
                         if close else "") + " (all: python -c \"import timm; print(timm.list_models('*resnet*'))\")")
-    qk_dim = (len(num_outputs) - 1) * args.dim if getattr(args, "cfm_released_width", False) else None
+    qk_dim = (len(num_outputs) - 1) * args.dim if args.cfm_released_width else None
     try:
         model = MTCP(num_outputs, backbone=args.backbone, pretrained=args.pretrained, weights=args.weights, dim=args.dim,
                      img_size=tuple(args.img_size), cfm=not args.no_cfm, traceback=not args.no_traceback,
                      cfm_qk_dim=qk_dim)
     except FileNotFoundError as e:  # pretrained weights not in timm's cache (Backbone): the same on every rank
         raise UserError(str(e)) from None
-    model.set_grad_checkpointing(getattr(args, "grad_checkpointing", False))  # absent from older checkpoints' args
+    model.set_grad_checkpointing(args.grad_checkpointing)
     return model
 
 
@@ -1153,6 +1223,10 @@ def train_step(model: nn.Module, balancer: TaskBalancer, optimizer: torch.optim.
 
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation, pictures and the metrics file
+
+def save_png(path: Path, rgb: np.ndarray) -> None:
+    write_atomic(path, lambda f: Image.fromarray(rgb).save(f, format="PNG"))
+
 
 def resize_to(pred: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Raw outputs (B, C, h, w) -> (B, C, H, W) at a label's size, bilinear on logits / values, in fp32."""
@@ -1209,7 +1283,7 @@ def save_visuals(model: nn.Module, dataset, out_dir: Path, *, device: torch.devi
             image = (image.permute(1, 2, 0).numpy() * 255).clip(0, 255).astype(np.uint8)  # (H, W, 3)
             pics = [image, data.colorize(t, target), data.colorize(t, to_numpy(t, resize_to(pred, target.shape[-2:])[0]))]
             rows.append(np.concatenate([np.pad(p, ((0, 4), (0, 4), (0, 0)), constant_values=255) for p in pics], 1))
-        Image.fromarray(np.concatenate(rows)).save(out_dir / f"{sample['meta']['id']}.png")
+        save_png(out_dir / f"{sample['meta']['id']}.png", np.concatenate(rows))
 
 
 @torch.no_grad()
@@ -1248,7 +1322,7 @@ def write_metrics(path: Path, args, results: dict, *, epoch: int, reference: dic
     predictors' metrics when given. A single-task run's file is itself a baseline for --baselines."""
     baselines = load_baselines(args.baselines, list(results))
     dm = delta_m(results, baselines) if baselines else None
-    write_file(path, json.dumps(dict(dataset=args.dataset, split="val", epoch=epoch, tasks=list(results),
+    write_text(path, json.dumps(dict(dataset=args.dataset, split="val", epoch=epoch, tasks=list(results),
                                      metrics=results, delta_m=dm, baselines=args.baselines,
                                      constant_predictors=reference), indent=2))
     print(f"final metrics (epoch {epoch}, val):\n{format_metrics(results)}", flush=True)
@@ -1265,21 +1339,21 @@ def write_metrics(path: Path, args, results: dict, *, epoch: int, reference: dic
 # Training
 
 def start_out_dir(run: Run) -> bool:
-    """Prepares --out-dir once the data is there (a run that cannot start leaves no folder). Returns whether
-    the resumed checkpoint's epoch record is missing from log.jsonl (a kill after the save), to be redone."""
+    """Prepares --out-dir once the data and the model are there (a run that cannot start writes nothing).
+    Returns whether the resumed checkpoint's epoch record is missing from log.jsonl (a kill after the save)."""
     records = []
     if run.checkpoint is not None:  # read by every rank before rank 0 rewrites the log
         records = [r for r in read_log(run.path("log.jsonl")) if r["epoch"] <= run.checkpoint["epoch"]]
         if dist.is_initialized():
             dist.barrier()
     if run.rank == 0:
-        Path(run.args.out_dir).mkdir(parents=True, exist_ok=True)
-        run.path("checkpoint.tmp").unlink(missing_ok=True)  # left by a kill during a save
+        for tmp in Path(run.args.out_dir).glob("*.tmp"):  # left by a kill during a write
+            tmp.unlink()
         for name in ("metrics.json", "log.jsonl", "checkpoint.pt") if run.checkpoint is None else ():  # --overwrite
             run.path(name).unlink(missing_ok=True)
-        write_file(run.path("config.json"), json.dumps(vars(run.args), indent=2))
+        write_text(run.path("config.json"), json.dumps(vars(run.args), indent=2))
         if run.checkpoint is not None:  # one record per epoch up to the checkpoint's
-            write_file(run.path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+            write_text(run.path("log.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     return run.checkpoint is not None and "log" in run.checkpoint and run.checkpoint["epoch"] not in [
         r["epoch"] for r in records]
 
@@ -1298,7 +1372,8 @@ def finish_epoch(run: Run, record: dict, model: nn.Module, val_set) -> dict | No
         if run.rank == 0:
             print(f"epoch {record['epoch']} validation ({len(val_set)} images):\n{format_metrics(results)}", flush=True)
     if run.rank == 0:
-        write_file(run.path("log.jsonl"), json.dumps(record) + "\n", "a")
+        log = run.path("log.jsonl")  # rewritten whole, as every output: complete or not there
+        write_text(log, (log.read_text() if log.is_file() else "") + json.dumps(record) + "\n")
     return results
 
 
@@ -1315,7 +1390,6 @@ def train(run: Run) -> dict:
                                              master=run.rank == 0)
     num_outputs, tasks = train_set.num_outputs, list(train_set.num_outputs)
     load_baselines(args.baselines, tasks)  # a bad file fails now, not after the last epoch
-    lost_record = start_out_dir(run)
 
     model = raw_model = build_model(args, num_outputs).to(device)
     constants = data.label_means(train_set) if "depth" in tasks or args.dataset == "toy" else None
@@ -1348,6 +1422,7 @@ def train(run: Run) -> dict:
         raise UserError(f"{len(train_set)} training images are fewer than one batch of {args.batch_size} x "
                         f"{run.world} processes")
     total_steps, global_batch = args.epochs * len(loader), args.batch_size * run.world
+    lost_record = start_out_dir(run)
     if run.rank == 0:
         counts = raw_model.param_counts()
         print(f"MTCP {args.backbone} dim {args.dim} img {args.img_size[0]}x{args.img_size[1]} | parameters "
@@ -1431,7 +1506,6 @@ def evaluate_checkpoint(run: Run) -> dict:
     """--eval-only: the checkpoint's metrics on the val split of the data it was trained on (or --data-root)."""
     args = run.args
     model, checkpoint = load_checkpoint_model(args.eval_only, run.device, "--eval-only")
-    out_dir = Path(args.out_dir or Path(args.eval_only).parent / "eval")
     saved = checkpoint["args"]
     args.dataset, args.tasks, args.img_size = saved["dataset"], saved["tasks"], saved["img_size"]
     args.data_root = args.data_root or saved["data_root"]
@@ -1441,8 +1515,7 @@ def evaluate_checkpoint(run: Run) -> dict:
     results = evaluate(model, val_set, device=run.device, batch_size=args.eval_batch_size, workers=args.workers,
                        amp=args.amp, rank=run.rank, world=run.world)
     if run.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_metrics(out_dir / "metrics.json", args, results, epoch=checkpoint["epoch"])
+        write_metrics(run.path("metrics.json"), args, results, epoch=checkpoint["epoch"])
     return results
 
 
@@ -1466,8 +1539,18 @@ def image_batches(paths, batch_size: int, failed: list[str]):
 @torch.no_grad()
 def predict(run: Run) -> None:
     """Writes per image and task a PNG picture and the raw values (.npy: class ids int64, depth metres, unit
-    normals, saliency probability) at the image's own size. Unreadable images are reported at the end."""
-    args, device = run.args, run.device
+    normals, saliency probability) at the image's own size. Images that cannot be read or written are reported
+    at the end, after the others. A folder holding files is refused, as training refuses, unless --overwrite
+    (which first removes the predictions in it)."""
+    args, device, out_dir = run.args, run.device, Path(run.args.out_dir)
+    old = list(out_dir.iterdir())
+    if old and not args.overwrite:
+        raise UserError(f"--out-dir {out_dir} already holds files (predictions of another checkpoint?): choose "
+                        f"another --out-dir, or --overwrite to replace its predictions")
+    tasks = {t for d in data.DATASETS.values() for t in d["tasks"]}
+    for path in old:  # --overwrite: the previous predictions go, so the folder never mixes two models
+        if path.suffix in (".npy", ".png") and path.stem.rpartition("_")[2] in tasks:
+            path.unlink()
     try:
         stems = data.list_images(args.predict)  # input path -> distinct output stem
     except data.DataError as e:
@@ -1477,8 +1560,6 @@ def predict(run: Run) -> None:
             print(f"{path} -> {stem}_*: its name is taken by another input", flush=True)
     model, checkpoint = load_checkpoint_model(args.checkpoint, device, "--checkpoint")
     mean, std = checkpoint["normalization"]["mean"], checkpoint["normalization"]["std"]
-    out_dir = Path(args.out_dir or "predictions")
-    out_dir.mkdir(parents=True, exist_ok=True)
     failed, done, start = [], 0, time.perf_counter()
     for batch in image_batches(stems, args.batch_size or 8, failed):
         x = torch.stack([data.to_input(image, model.img_size, mean, std) for _, image in batch]).to(device)
@@ -1486,14 +1567,17 @@ def predict(run: Run) -> None:
             preds, _ = model(x)  # (B, C, H, W) at the model's input size
         for t, pred in preds.items():
             for (path, _), p in zip(batch, resize_to(pred, batch[0][1].shape[:2])):  # at the images' own size
-                value = to_numpy(t, p)
-                np.save(out_dir / f"{stems[path]}_{t}.npy", value)
-                Image.fromarray(data.colorize(t, value)).save(out_dir / f"{stems[path]}_{t}.png")
+                value, name = to_numpy(t, p), out_dir / f"{stems[path]}_{t}"
+                try:
+                    write_atomic(name.with_suffix(".npy"), lambda f: np.save(f, value))
+                    save_png(name.with_suffix(".png"), data.colorize(t, value))
+                except UserError as e:  # e.g. a name too long for the file system
+                    failed.append(f"{path}: {e}")
         done += len(batch)
         print(f"predicted {done}/{len(stems)} images ({done / (time.perf_counter() - start):.1f} img/s) -> {out_dir}",
               flush=True)
     if failed:
-        raise UserError("could not read " + str(len(failed)) + " image(s):\n  " + "\n  ".join(failed))
+        raise UserError(f"{len(failed)} image(s) could not be read or written:\n  " + "\n  ".join(failed))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1589,7 +1673,7 @@ def benchmark(run: Run) -> dict:
              mfu=achieved / peak_tflops if achieved and peak_tflops else None)
     print("\n".join(f"{k:<21} {v:.6g}" if isinstance(v, float) else f"{k:<21} {v}" for k, v in r.items()), flush=True)
     if args.benchmark_json:
-        write_file(Path(args.benchmark_json), json.dumps(r, indent=2))
+        write_text(Path(args.benchmark_json), json.dumps(r, indent=2))
     return r
 
 
@@ -1681,6 +1765,16 @@ def summarize(folders: list[str]) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Entry point
 
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another process of the torchrun job has stopped."""
+    return (isinstance(e, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1
+            and (isinstance(e, dist.DistError) or "closed by peer" in str(e) or "reset by peer" in str(e)))
+
+
 def main(argv: list[str] | None = None):
     args, given = get_args(argv)
     if args.summarize:  # reads finished runs' files: no torch.distributed, no data
@@ -1688,31 +1782,50 @@ def main(argv: list[str] | None = None):
     import huggingface_hub.constants  # no network at run time: timm reads its cache, never downloads
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     run = resolve_run(args, given, argv)
+    mode = predict if args.predict else evaluate_checkpoint if args.eval_only else benchmark if args.benchmark else train
+    holds = mode is not benchmark and run.rank == 0  # rank 0 writes, into a folder it holds from before any work
     try:
-        mode = predict if args.predict else evaluate_checkpoint if args.eval_only else benchmark if args.benchmark else train
-        return mode(run)
-    except KeyboardInterrupt:
+        with hold_folder(run.path(""), "--out-dir") if holds else contextlib.nullcontext():
+            return mode(run)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM under cli()
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         if mode is not train:
-            raise Interrupted("interrupted") from None
+            raise Interrupted(what, exit_code=code) from None
         if not run.path("checkpoint.pt").is_file():
-            raise Interrupted("interrupted before the first checkpoint: nothing to resume") from None
-        epoch = read_checkpoint(run.path("checkpoint.pt"), "--resume")["epoch"]  # on disk: Ctrl-C may fall in a save
+            raise Interrupted(f"{what} before the first checkpoint: nothing to resume", exit_code=code) from None
+        epoch = read_checkpoint(run.path("checkpoint.pt"), "--resume")["epoch"]  # on disk: it may fall in a save
         then = f"continues from epoch {epoch + 1}" if epoch < run.args.epochs else "evaluates its last epoch"
-        raise Interrupted(f"interrupted; `python mtcp.py --resume --out-dir {run.args.out_dir}` {then}") from None
+        raise Interrupted(f"{what}; `python mtcp.py --resume --out-dir {run.args.out_dir}` {then}",
+                          exit_code=code) from None
 
 
 @record  # under torchrun, an unexpected error's traceback reaches torchrun's failure summary
 def cli(argv: list[str] | None = None) -> int:
-    """main() with user errors reported once, without a traceback."""
+    """main() with user errors reported once, without a traceback, and SIGTERM handled as Ctrl-C."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    rank = int(os.environ.get("RANK", 0))
     try:
         main(argv)
     except (UserError, data.DataError, FloatingPointError) as e:
-        rank = int(os.environ.get("RANK", 0))
+        if rank > 0 and isinstance(e, Interrupted):  # every rank got the signal: rank 0 says how to continue
+            return e.exit_code
         if rank > 0:  # rank 0 nearly always has the same error, and torchrun stops this rank once rank 0 exits
-            time.sleep(10)
+            try:
+                time.sleep(10)
+            except KeyboardInterrupt:  # torchrun's SIGTERM: rank 0 has reported and exited
+                return USER_ERROR_EXIT
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # torchrun's SIGTERM must not cut the message short
         print(f"mtcp: error: {e}" + (f" (rank {rank})" if rank else ""), file=sys.stderr, flush=True)
         return getattr(e, "exit_code", USER_ERROR_EXIT)
+    except RuntimeError as e:
+        if not _lost_peer(e):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print(f"mtcp: error: rank {rank} stops: another process of this job has stopped, and its own message says "
+              f"why ({(str(e).splitlines() or [''])[0].split('] ', 1)[-1][:100]})", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
     finally:  # only now: a rank that left the group early would break the collectives of the others
+        signal.signal(signal.SIGTERM, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

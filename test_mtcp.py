@@ -1,5 +1,5 @@
-"""Tests for mtcp (pytest, CPU, a few minutes): data.py (SPEC 1), losses, balancers and metrics (SPEC 3, 4),
-the model (SPEC 2) and the program (SPEC 5): train, resume, eval-only, torchrun on gloo, predict, benchmark.
+"""Tests for mtcp (pytest, CPU, a few minutes): data.py, losses, balancers and metrics, the model, and the
+program: train, resume, eval-only, torchrun on gloo, predict, benchmark, and the failure cases.
 
 Every fixture is written in the real file formats inside tmp_path; nothing is downloaded.
 """
@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -66,7 +67,7 @@ def make_nyud(root, ids=("a", "b"), hw=(6, 8), variant="npy"):
 
 
 def write_parts(path, objects):
-    """PASCAL-Part struct (SPEC 1.2): objects = [(class name, class index, mask, [(part name, mask)])]."""
+    """PASCAL-Part struct: objects = [(class name, class index, mask, [(part name, mask)])]."""
     objs = np.zeros((1, len(objects)), [("class", "O"), ("classIndex", "O"), ("mask", "O"), ("parts", "O")])
     for j, (name, index, mask, parts) in enumerate(objects):
         pa = np.zeros((1, len(parts)), [("part_name", "O"), ("mask", "O")]) if parts else np.zeros((0, 0))
@@ -100,7 +101,7 @@ def force(ds, monkeypatch, flip=False, angle=0.0, scale=1.0):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoding (SPEC 1.1, 1.2)
+# Decoding
 
 def test_nyud_decoding_and_eval_resolution(tmp_path):
     root = make_nyud(tmp_path)
@@ -129,7 +130,7 @@ def test_nyud_image_normalisation(tmp_path):
 def test_nyud_png_variant_normals(tmp_path):
     root = make_nyud(tmp_path, variant="png")
     s = data.NYUD(root, "val", size=(6, 8))[1]
-    v = np.array(Image.open(root / "normals/b.png")).astype(np.float32) * 2 / 255 - 1  # SPEC 1.1
+    v = np.array(Image.open(root / "normals/b.png")).astype(np.float32) * 2 / 255 - 1
     v /= np.linalg.norm(v, axis=-1, keepdims=True)
     assert np.allclose(s["normals"].permute(1, 2, 0).numpy(), v, atol=1e-6)
     assert np.allclose(s["normals"].norm(dim=0).numpy(), 1, atol=1e-5)
@@ -163,7 +164,7 @@ def test_pascal_human_parts_from_mat(tmp_path):
     expect = np.zeros(hw, np.int64)
     expect[0:4], expect[2:4, 0:2], expect[5, 0:2], expect[4], expect[5, 2:4] = 2, 4, 1, 5, 6
     assert (ds[0]["human_parts"].numpy() == expect).all()
-    assert all(ds[i]["human_parts"].eq(255).all() for i in (1, 2, 3))  # SPEC 1.2: no painted part -> all 255
+    assert all(ds[i]["human_parts"].eq(255).all() for i in (1, 2, 3))  # no painted part -> all 255
     assert data.PART_ID["llarm"] == 4 and data.PART_ID["neck"] == 2 and len(set(data.PART_ID.values())) == 6
 
 
@@ -175,7 +176,7 @@ def test_pascal_saliency_threshold(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Augmentation (SPEC 1.3)
+# Augmentation
 
 def test_flip_mirrors_everything_and_negates_normals_x(tmp_path, monkeypatch):
     root = make_nyud(tmp_path, variant="png")
@@ -389,7 +390,7 @@ def test_check_reports_problems(tmp_path, capsys, damage, name):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Losses, balancers, metrics (SPEC 3, 4)
+# Losses, balancers, metrics
 
 
 def test_semseg_loss_equals_cross_entropy():
@@ -739,7 +740,7 @@ def test_gloo_lps_weights_identical_across_ranks(gloo_results):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Model (SPEC 2)
+# Model
 
 TINY = dict(dim=16)
 THREE = {"semseg": 5, "depth": 1, "normals": 3}
@@ -964,7 +965,7 @@ def test_overfitting_one_batch_halves_the_loss(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The program: train, resume, eval-only, torchrun, PASCAL, predict, benchmark (SPEC 5)
+# The program: train, resume, eval-only, torchrun, PASCAL, predict, benchmark
 
 SMALL = ["--backbone", "test_resnet", "--dim", "16", "--img-size", "48", "64", "--batch-size", "4", "--workers", "0",
          "--log-every", "1", "--eval-every", "1", "--lr", "2e-3"]
@@ -1142,7 +1143,7 @@ def test_benchmark_json_has_every_field(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Summaries of several runs (issue 14)
+# Summaries of several runs
 
 def write_run(folder, flags, seed, metrics):
     """A finished toy run's config.json (as train() writes it) and metrics.json, with hand-chosen metrics."""
@@ -1212,8 +1213,8 @@ def test_summarize_reports_a_folder_without_metrics(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# --- torchrun launch (issue 11) ---
-# The design card's command as a new user types it: default data roots, one error message for N ranks,
+# torchrun launch
+# The README's commands as a new user types them: default data roots, one error message for N ranks,
 # several "nodes" on one machine through a c10d rendezvous, and a worker restart that resumes the run.
 
 MTCP_PY = os.path.abspath(mtcp.__file__)
@@ -1319,7 +1320,7 @@ def test_torchrun_worker_restart_resumes_exactly(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# --- Failure cases (issue 12) ---
+# Failure cases
 # Nothing lost, nothing silently wrong: each case ends in one message naming the file or flag, never a traceback,
 # and leaves every earlier output as it was.
 
@@ -1378,7 +1379,7 @@ def test_checkpoints_never_hold_inf_or_nan(toy_root, tmp_path, monkeypatch, caps
     assert "non-finite values after epoch 2/2" in err and "optimizer.state.0.exp_avg_sq" in err
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 1 and mtcp.non_finite(checkpoint) == []
-    assert not (tmp_path / "checkpoint.tmp").exists()
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
 
 
 def test_predict_keeps_same_stem_inputs_apart_and_reads_16_bit(trained, tmp_path, capsys):
@@ -1454,19 +1455,25 @@ def test_flags_a_mode_would_ignore_are_errors(trained, tmp_path, capsys):
 def test_a_full_disk_keeps_the_previous_checkpoint(toy_root, tmp_path, monkeypatch, capsys):
     save, saves = torch.save, []
 
-    def full_disk(state, path):  # the second save writes half a file, then the disk is full
-        saves.append(path)
+    def full_disk(state, f):  # the second save writes half a file, then the disk is full
+        saves.append(f)
         if len(saves) == 1:
-            return save(state, path)
-        Path(path).write_bytes(b"\0" * 1000)
+            return save(state, f)
+        f.write(b"\0" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", full_disk)
     err = cli_error(capsys, "--data-root", toy_root, "--out-dir", tmp_path, "--epochs", 2, *SMALL)
     assert str(tmp_path / "checkpoint.pt") in err and "previous checkpoint is kept" in err
-    assert not (tmp_path / "checkpoint.tmp").exists()
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    with pytest.raises(mtcp.UserError, match="cannot write /dev/full: No space left"):  # log.jsonl, metrics.json
-        mtcp.write_file(Path("/dev/full"), "{}\n", "a")
+    monkeypatch.undo()
+
+    def half_then_full(f):  # every other output (log.jsonl, metrics.json, pictures) goes the same way
+        f.write(b"{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(mtcp.UserError, match="cannot write .*metrics.json .*No space left"):
+        mtcp.write_atomic(tmp_path / "metrics.json", half_then_full)
+    assert sorted(p.name for p in tmp_path.iterdir() if "metrics" in p.name) == []
 
 
 def test_a_full_tmpfs_keeps_the_previous_checkpoint(toy_root, trained, tmp_path, capsys):
@@ -1478,7 +1485,7 @@ def test_a_full_tmpfs_keeps_the_previous_checkpoint(toy_root, trained, tmp_path,
     try:
         err = cli_error(capsys, "--data-root", toy_root, "--out-dir", disk, "--epochs", 2, *SMALL)
         assert "previous checkpoint is kept" in err
-        assert not (disk / "checkpoint.tmp").exists()
+        assert not (disk / "checkpoint.pt.tmp").exists()
         assert torch.load(disk / "checkpoint.pt", weights_only=True)["epoch"] == 1
     finally:
         subprocess.run(["umount", str(disk)])
@@ -1514,7 +1521,271 @@ def test_ctrl_c_says_how_to_continue_and_resume_leaves_one_record_per_epoch(toy_
     monkeypatch.undo()
     with open(tmp_path / "log.jsonl", "a") as f:  # what older kills left: a later epoch's record, a cut line
         f.write(json.dumps({"epoch": 2}) + "\n" + '{"epoch": 3, "lo')
-    (tmp_path / "checkpoint.tmp").write_bytes(b"partial")
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"partial")
     run_main("--resume", "--out-dir", tmp_path)
     assert [r["epoch"] for r in mtcp.read_log(tmp_path / "log.jsonl")] == [1, 2]
-    assert not (tmp_path / "checkpoint.tmp").exists()
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failure cases, part two: data that would train on garbage, unwritable or shared output folders, poisoned
+# checkpoints, SIGTERM and SIGKILL, --predict's outputs, a symlink in the output folder, one rank's error.
+
+def nyud_error(capsys, root, tmp_path):
+    """The one message of a NYUD training run on `root` that must stop before it writes anything."""
+    err = cli_error(capsys, "--dataset", "nyud", "--data-root", root, "--no-pretrained", "--out-dir",
+                    tmp_path / "run", *SMALL)
+    assert not (tmp_path / "run").exists(), "a run that cannot start leaves no output folder"
+    return err
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_an_empty_split_file_is_refused(toy_root, tmp_path, capsys, split):
+    root = make_nyud(tmp_path / "nyud")
+    (root / "gt_sets" / f"{split}.txt").write_text("\n")
+    assert f"gt_sets/{split}.txt lists no images" in nyud_error(capsys, root, tmp_path)
+    toy = tmp_path / "toy"  # the toy went on to a ZeroDivisionError
+    shutil.copytree(toy_root, toy)
+    (toy / "gt_sets" / f"{split}.txt").write_text("")
+    err = cli_error(capsys, "--data-root", toy, "--out-dir", tmp_path / "run", *SMALL)
+    assert f"{toy}/gt_sets/{split}.txt lists no images" in err
+
+
+def test_duplicate_ids_are_refused_by_the_readers_and_the_checker(tmp_path, capsys):
+    root = make_nyud(tmp_path / "nyud", ids=("a", "b", "c"))
+    (root / "gt_sets" / "val.txt").write_text("a\nb\na\nc\na\n")
+    assert "gt_sets/val.txt lists 1 ids more than once (first: ['a'])" in nyud_error(capsys, root, tmp_path)
+    assert data.check("nyud", str(root), any_split_size=True)
+    assert "NOT usable" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task, convert, message", [
+    ("normals", lambda n: np.round((n + 1) * 127.5).astype(np.uint8), "normals stored as uint8"),
+    ("depth", lambda d: np.round(d * 1000 + 1091).astype(np.uint16), "millimetres? NYUD depth is in metres"),
+    ("depth", lambda d: d * 1000 + 1091, "expected metres in 0..20: millimetres?"),
+    ("normals", lambda n: n * 3, "of the normals are neither unit vectors nor zero"),
+])
+def test_depth_and_normals_in_other_units_are_refused(tmp_path, capsys, task, convert, message):
+    root = make_nyud(tmp_path / "nyud")
+    path = root / task / "b.npy"
+    np.save(path, convert(np.load(path)))
+    err = nyud_error(capsys, root, tmp_path)
+    assert str(path) in err and message in err, err
+    assert data.check("nyud", str(root), any_split_size=True)
+    out = capsys.readouterr().out
+    assert "NOT usable" in out and message in out
+
+
+def test_normals_of_the_wrong_shape_say_so(tmp_path, capsys):
+    root = make_nyud(tmp_path / "nyud")
+    np.save(root / "normals" / "b.npy", np.zeros((6, 8), np.float32))
+    assert "normals/b.npy: normals of shape 6x8, expected 6x8x3" in nyud_error(capsys, root, tmp_path)
+
+
+def test_a_run_stopped_by_its_data_or_its_flags_writes_nothing(toy_root, tmp_path, capsys):
+    root, bad = damaged_copy(toy_root, tmp_path, "train")
+    assert str(bad) in cli_error(capsys, "--data-root", root, "--out-dir", tmp_path / "run", *SMALL)
+    assert not (tmp_path / "run").exists()
+    err = cli_error(capsys, "--data-root", toy_root, "--out-dir", tmp_path / "run", *SMALL, "--batch-size", 64)
+    assert "fewer than one batch" in err and not (tmp_path / "run").exists()  # config.json was left behind
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photos" / "0000.png"
+    path.parent.mkdir()
+    write_image(path, (30, 40))
+    return path
+
+
+def test_an_out_dir_that_is_a_file_is_refused_in_every_mode(toy_root, trained, photo, tmp_path, capsys):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me\n")
+    for argv in (["--data-root", toy_root, *SMALL], ["--eval-only", trained / "checkpoint.pt"],
+                 ["--predict", photo, "--checkpoint", trained / "checkpoint.pt"]):
+        assert f"--out-dir {file} is a file, not a folder" in cli_error(capsys, *argv, "--out-dir", file)
+    assert file.read_text() == "keep me\n"
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder that cannot be written: a read-only tmpfs as root (permissions do not stop root), else mode 555."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    mounted = os.geteuid() == 0
+    if mounted and subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                                  capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here")
+    if not mounted:
+        folder.chmod(0o555)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)])
+    else:
+        folder.chmod(0o755)
+
+
+def test_an_unwritable_out_dir_is_refused_before_any_work(toy_root, trained, photo, read_only, monkeypatch, capsys):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work ran before the output folder was checked")
+    monkeypatch.setattr(mtcp, "evaluate", no_work)
+    monkeypatch.setattr(mtcp, "predict", no_work)
+    err = cli_error(capsys, "--eval-only", trained / "checkpoint.pt", "--out-dir", read_only)
+    assert f"--out-dir {read_only} is not writable" in err
+    assert f"cannot create {read_only / 'run'}" in cli_error(capsys, "--data-root", toy_root, *SMALL, "--out-dir",
+                                                             read_only / "run")
+    cli_error(capsys, "--predict", photo, "--checkpoint", trained / "checkpoint.pt", "--out-dir", read_only)
+
+
+def test_a_checkpoint_is_checked_when_read(trained, photo, tmp_path, capsys):
+    checkpoint = torch.load(trained / "checkpoint.pt", weights_only=True)
+    del checkpoint["args"]["dim"]  # an older or edited file
+    torch.save(checkpoint, tmp_path / "edited.pt")
+    err = cli_error(capsys, "--eval-only", tmp_path / "edited.pt")
+    assert str(tmp_path / "edited.pt") in err and "args.dim" in err
+    poisoned = tmp_path / "poisoned"  # one NaN weight: eval-only, predict and resume all refuse it
+    shutil.copytree(trained, poisoned)
+    checkpoint = torch.load(trained / "checkpoint.pt", weights_only=True)
+    name = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
+    checkpoint["model"][name].view(-1)[0] = float("nan")
+    torch.save(checkpoint, poisoned / "checkpoint.pt")
+    for argv in (["--eval-only", poisoned / "checkpoint.pt"], ["--resume", "--out-dir", poisoned],
+                 ["--predict", photo, "--checkpoint", poisoned / "checkpoint.pt", "--out-dir", tmp_path / "pred"]):
+        err = cli_error(capsys, *argv)
+        assert f"{poisoned / 'checkpoint.pt'} holds non-finite values in 1 tensors (model.{name})" in err, err
+    assert not (tmp_path / "pred").exists()
+
+
+def mtcp_process(*argv, cwd):
+    return subprocess.Popen([sys.executable, MTCP_PY, *map(str, argv)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(path, process, timeout=120):
+    deadline = time.monotonic() + timeout
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None and path.exists(), f"{path} never appeared: {process.communicate()}"
+
+
+def test_sigterm_is_handled_as_ctrl_c(toy_root, tmp_path):
+    run = mtcp_process("--data-root", toy_root, "--out-dir", tmp_path / "run", "--epochs", 200, *SMALL, cwd=tmp_path)
+    wait_for(tmp_path / "run" / "log.jsonl", run)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 143, err
+    assert re.fullmatch(rf"mtcp: error: terminated \(SIGTERM\); `python mtcp.py --resume --out-dir "
+                        rf"{tmp_path / 'run'}` continues from epoch \d+\n", err), err
+    assert not list((tmp_path / "run").glob("*.tmp"))
+    epoch = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["epoch"]
+    epochs = [r["epoch"] for r in mtcp.read_log(tmp_path / "run" / "log.jsonl")]  # the last one --resume redoes
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) in (epoch - 1, epoch)
+
+
+def test_sigterm_under_torchrun_says_how_to_continue(toy_root, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", MTCP_PY, "--data-root",
+               str(toy_root), "--out-dir", str(tmp_path / "run"), "--epochs", "200", *LAUNCH]
+    agent = subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(tmp_path / "run" / "checkpoint.pt", agent)
+    agent.send_signal(signal.SIGTERM)  # what srun passes on to torchrun, which passes it on to every worker
+    output = agent.communicate(timeout=120)[0]
+    assert agent.returncode != 0
+    assert f"mtcp: error: terminated (SIGTERM); `python mtcp.py --resume --out-dir {tmp_path / 'run'}`" in output, output
+    assert 'mtcp.py", line' not in output and not list((tmp_path / "run").glob("*.tmp")), output
+
+
+def test_a_killed_write_leaves_no_partial_file(toy_root, trained, photo, tmp_path):
+    """SIGKILL in the middle of --predict's first .npy: no file under its final name, complete or none."""
+    script = textwrap.dedent(f'''
+        import os, signal, sys
+        import numpy as np
+        sys.path.insert(0, {os.path.dirname(MTCP_PY)!r})
+        import mtcp
+        def killed_save(file, value):  # half a file, then SIGKILL
+            f = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
+            f.write(b"\\x93NUMPY\\x01\\x00v\\x00{{'descr'")
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        np.save = killed_save
+        mtcp.main(["--predict", {str(photo)!r}, "--checkpoint", {str(trained / "checkpoint.pt")!r},
+                   "--out-dir", {str(tmp_path / "pred")!r}])
+    ''')
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    assert not list((tmp_path / "pred").glob("*.npy")) and not list((tmp_path / "pred").glob("*.png"))
+
+
+def test_two_runs_cannot_share_an_out_dir(toy_root, tmp_path):
+    out = tmp_path / "run"
+    first = mtcp_process("--data-root", toy_root, "--out-dir", out, "--epochs", 30, *SMALL, "--eval-every", 10,
+                         cwd=tmp_path)
+    assert first.stdout.readline().startswith("MTCP ")  # it holds the folder from before it reads the data
+    second = subprocess.run([sys.executable, MTCP_PY, "--data-root", toy_root, "--out-dir", out, *SMALL],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"--out-dir {out} is in use by another mtcp run (pid {first.pid})" in second.stderr, second.stderr
+    first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert [r["epoch"] for r in mtcp.read_log(out / "log.jsonl")] == list(range(1, 31))
+
+
+def test_predict_reports_an_unwritable_name_after_writing_the_others(trained, photo, tmp_path, capsys):
+    long = photo.parent / ("a" * 245 + ".png")  # sorted first; its outputs' names are too long to create
+    shutil.copy(photo, long)
+    out = tmp_path / "pred"
+    err = cli_error(capsys, "--predict", photo.parent, "--checkpoint", trained / "checkpoint.pt", "--out-dir", out)
+    assert str(long) in err and "File name too long" in err, err
+    assert np.load(out / "0000_depth.npy").shape == (1, 30, 40)
+
+
+def test_predict_refuses_a_folder_with_other_predictions(trained, photo, tmp_path, capsys):
+    out, other = tmp_path / "pred", photo.parent / "other.png"
+    write_image(other, (20, 20))
+    run_main("--predict", other, "--checkpoint", trained / "checkpoint.pt", "--out-dir", out)
+    err = cli_error(capsys, "--predict", photo, "--checkpoint", trained / "checkpoint.pt", "--out-dir", out)
+    assert str(out) in err and "--overwrite" in err and sorted(p.name for p in out.iterdir())[0] == "other_depth.npy"
+    run_main("--predict", photo, "--checkpoint", trained / "checkpoint.pt", "--out-dir", out, "--overwrite")
+    assert {p.name.split("_")[0] for p in out.iterdir()} == {"0000"}  # one model's predictions, not two
+
+
+def test_a_symlink_in_the_output_folder_is_replaced_not_followed(trained, photo, tmp_path):
+    victim = tmp_path / "victim" / "data.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious\n")
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "0000_depth.npy").symlink_to(victim)
+    run_main("--predict", photo, "--checkpoint", trained / "checkpoint.pt", "--out-dir", out, "--overwrite")
+    assert victim.read_text() == "precious\n"
+    assert not (out / "0000_depth.npy").is_symlink() and np.load(out / "0000_depth.npy").shape == (1, 30, 40)
+    link = tmp_path / "metrics.json"  # every writer: the link is replaced by the file
+    link.symlink_to(victim)
+    mtcp.write_text(link, "{}")
+    assert victim.read_text() == "precious\n" and link.read_text() == "{}" and not link.is_symlink()
+
+
+def test_one_ranks_error_after_start_up_is_one_message_per_rank(toy_root, tmp_path):
+    wrapper = tmp_path / "rank1_fails.py"  # rank 1 alone meets a bad training sample, in its second step
+    wrapper.write_text(textwrap.dedent(f'''
+        import os, sys
+        sys.path.insert(0, {os.path.dirname(MTCP_PY)!r})
+        import data, mtcp
+        getitem, calls = data.NYUD.__getitem__, []
+        def bad_on_rank_1(self, i):
+            calls.append(i) if self.train else None
+            if os.environ["RANK"] == "1" and len(calls) > 2:
+                raise data.DataError(f"{{self.root}}/images/{{self.ids[i]}}.jpg: damaged after start-up")
+            return getitem(self, i)
+        data.NYUD.__getitem__ = bad_on_rank_1
+        sys.exit(mtcp.cli())
+    '''))
+    run = torchrun("--nproc_per_node=2", wrapper, "--data-root", toy_root, "--out-dir", tmp_path / "run",
+                   "--epochs", 2, *LAUNCH, cwd=tmp_path)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0 and 'mtcp.py", line' not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("mtcp: error:")]
+    assert len(errors) == 2 and "damaged after start-up (rank 1)" in errors[0] + errors[1], output
+    assert any("rank 0 stops: another process of this job has stopped" in e or "terminated (SIGTERM)" in e
+               for e in errors), output
+    assert "exitcode: 2" in output, output

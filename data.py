@@ -124,12 +124,12 @@ def to_input(img, size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 MAX_DEPTH = 20.0  # m: NYUD depth is in metres, indoors; larger values are another unit (millimetres)
 
 
-def check_values(task, arr, path, stored=None):
-    """The value checks of decoded depth and normals, shared by the readers and `data.py check`: depth in metres,
-    0 (invalid) or in (0, MAX_DEPTH]; normals unit vectors or zero (invalid; |n| <= 0.01), at most 1 % of them
-    off by more than 0.1 in length. `stored`: the dtype of a .npy file, which must be float."""
+def check_values(task, arr, path, stored):
+    """The value checks of depth and normals .npy files, shared by the readers and `data.py check`: stored as
+    floats; depth in metres, 0 (invalid) or in (0, MAX_DEPTH]; normals unit vectors or zero (invalid; |n| <= 0.01),
+    at most 1 % of them off by more than 0.1 in length. `arr`: the decoded array, `stored`: the file's dtype."""
     mm = ": millimetres? NYUD depth is in metres" if task == "depth" and arr.max(initial=0) > 100 else ""
-    if stored is not None and not np.issubdtype(stored, np.floating):
+    if not np.issubdtype(stored, np.floating):
         raise DataError(f"{path}: {task} stored as {stored} (values {arr.min():g}..{arr.max():g}); expected float "
                         + ("metres" if task == "depth" else "unit vectors") + mm)
     if not np.isfinite(arr).all():
@@ -193,10 +193,10 @@ class _MultiTask(torch.utils.data.Dataset):
         size = "x".join(map(str, arr.shape))
         if task == "normals" and (arr.ndim != 3 or arr.shape[2] != 3):
             raise DataError(f"{path}: normals of shape {size}, expected {hw[0]}x{hw[1]}x3 (a 3-vector per pixel)")
-        if arr.shape[:2] != hw:
+        if arr.shape != ((*hw, 3) if task == "normals" else hw):
             raise DataError(f"{path}: label size {size} does not match image size {hw[0]}x{hw[1]}")
-        if task in ("depth", "normals"):
-            check_values(task, arr, path, raw.dtype if path.endswith(".npy") else None)
+        if task in ("depth", "normals") and path.endswith(".npy"):  # 8-bit .png normals are unit by encoding
+            check_values(task, arr, path, raw.dtype)
         return self.semseg(arr, path) if task == "semseg" else arr
 
     def load(self, i):

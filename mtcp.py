@@ -1821,13 +1821,15 @@ def cli(argv: list[str] | None = None) -> int:
         if not _lost_peer(e):
             raise
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        why = (str(e).splitlines() or [""])[0].split("] ", 1)[-1].split(". ")[0]  # gloo's "Connection closed by peer .."
         print(f"mtcp: error: rank {rank} stops: another process of this job has stopped, and its own message says "
-              f"why ({(str(e).splitlines() or [''])[0].split('] ', 1)[-1][:100]})", file=sys.stderr, flush=True)
+              f"why ({why})", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
     finally:  # only now: a rank that left the group early would break the collectives of the others
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # leaving anyway: a late SIGTERM must not add a traceback
         if dist.is_initialized():
             dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -1789,3 +1789,12 @@ def test_one_ranks_error_after_start_up_is_one_message_per_rank(toy_root, tmp_pa
     assert any("rank 0 stops: another process of this job has stopped" in e or "terminated (SIGTERM)" in e
                for e in errors), output
     assert "exitcode: 2" in output, output
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(trained, tmp_path, monkeypatch, capsys):
+    def no_flock(fd, operation):  # what some Lustre and NFS mounts answer
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(mtcp.fcntl, "flock", no_flock)
+    run_main("--eval-only", trained / "checkpoint.pt", "--out-dir", tmp_path / "eval")
+    assert f"warning: cannot lock {tmp_path / 'eval'} (No locks available)" in capsys.readouterr().out
+    assert (tmp_path / "eval" / "metrics.json").is_file()

@@ -1718,16 +1718,19 @@ def test_a_killed_write_leaves_no_partial_file(toy_root, trained, photo, tmp_pat
 
 def test_two_runs_cannot_share_an_out_dir(toy_root, tmp_path):
     out = tmp_path / "run"
-    first = mtcp_process("--data-root", toy_root, "--out-dir", out, "--epochs", 30, *SMALL, "--eval-every", 10,
+    first = mtcp_process("--data-root", toy_root, "--out-dir", out, "--epochs", 500, *SMALL, "--eval-every", 500,
                          cwd=tmp_path)
     assert first.stdout.readline().startswith("MTCP ")  # it holds the folder from before it reads the data
     second = subprocess.run([sys.executable, MTCP_PY, "--data-root", toy_root, "--out-dir", out, *SMALL],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
     assert f"--out-dir {out} is in use by another mtcp run (pid {first.pid})" in second.stderr, second.stderr
-    first.communicate(timeout=300)
-    assert first.returncode == 0
-    assert [r["epoch"] for r in mtcp.read_log(out / "log.jsonl")] == list(range(1, 31))
+    assert first.poll() is None, "the first run ended before the second one tried"
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=60)
+    assert first.returncode == 143
+    epochs = [r["epoch"] for r in mtcp.read_log(out / "log.jsonl")]  # one run's records, none twice
+    assert epochs == list(range(1, len(epochs) + 1))
 
 
 def test_predict_reports_an_unwritable_name_after_writing_the_others(trained, photo, tmp_path, capsys):

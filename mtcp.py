@@ -1014,6 +1014,22 @@ def hold_folder(folder: Path, flag: str):
                 path.rmdir()  # only if the run wrote nothing there
 
 
+def non_finite(obj, name: str = "") -> list[str]:
+    """Names of the inf / NaN floats and floating-point tensors in a nested dict / list (a checkpoint's state)."""
+    if isinstance(obj, torch.Tensor):
+        return [name] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [name]
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [n for k, v in items for n in non_finite(v, f"{name}.{k}" if name else str(k))]
+
+
+def non_finite_tensors(state: dict) -> str:
+    """'' if a checkpoint's state (weights, BN statistics, Adam moments) is finite, else which tensors are not."""
+    bad = non_finite({k: state[k] for k in ("model", "optimizer", "balancer")})
+    return f"{len(bad)} tensors ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})" if bad else ""
+
+
 def read_checkpoint(path, flag: str) -> dict:
     """The checkpoint at `path`, checked once: a UserError naming `flag` and the file if it is missing, unreadable,
     cut short, lacks a key (its args included) or holds an inf / NaN."""
@@ -1030,32 +1046,20 @@ def read_checkpoint(path, flag: str) -> dict:
     missing += [f"args.{k}" for k in vars(get_args([])[0]) if not missing and k not in checkpoint["args"]]
     if missing:
         raise UserError(f"{flag}: {path} is not a checkpoint of this mtcp (no {', '.join(missing[:5])})")
-    bad = non_finite({k: checkpoint[k] for k in ("model", "optimizer", "balancer")})
+    bad = non_finite_tensors(checkpoint)
     if bad:
-        raise UserError(f"{flag}: {path} holds non-finite values in {len(bad)} tensors ({', '.join(bad[:4])}"
-                        f"{', ...' if len(bad) > 4 else ''}); it cannot be used")
+        raise UserError(f"{flag}: {path} holds non-finite values in {bad}; it cannot be used")
     return checkpoint
-
-
-def non_finite(obj, name: str = "") -> list[str]:
-    """Names of the inf / NaN floats and floating-point tensors in a nested dict / list (a checkpoint's state)."""
-    if isinstance(obj, torch.Tensor):
-        return [name] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
-    if isinstance(obj, float):
-        return [] if math.isfinite(obj) else [name]
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    return [n for k, v in items for n in non_finite(v, f"{name}.{k}" if name else str(k))]
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Writes the checkpoint atomically; a state with an inf / NaN (weights, BN statistics, Adam moments) is never
     written, and on a full disk the previous checkpoint stays."""
-    bad = non_finite({k: state[k] for k in ("model", "optimizer", "balancer")})
+    bad = non_finite_tensors(state)
     if bad:
         raise FloatingPointError(
-            f"non-finite values after epoch {state['epoch']}/{state['args']['epochs']} in {len(bad)} tensors "
-            f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); stopping without saving them. The last good "
-            f"checkpoint is {path}" + ("" if path.exists() else " (none yet)"))
+            f"non-finite values after epoch {state['epoch']}/{state['args']['epochs']} in {bad}; stopping without "
+            f"saving them. The last good checkpoint is {path}" + ("" if path.exists() else " (none yet)"))
     write_atomic(path, lambda f: torch.save(state, f), hint="; the previous checkpoint is kept. Free some space, "
                  "then continue with --resume")
 
@@ -1793,7 +1797,7 @@ def main(argv: list[str] | None = None):
             raise Interrupted(what, exit_code=code) from None
         if not run.path("checkpoint.pt").is_file():
             raise Interrupted(f"{what} before the first checkpoint: nothing to resume", exit_code=code) from None
-        epoch = read_checkpoint(run.path("checkpoint.pt"), "--resume")["epoch"]  # on disk: it may fall in a save
+        epoch = torch.load(run.path("checkpoint.pt"), weights_only=True, mmap=True)["epoch"]  # as saved, atomically
         then = f"continues from epoch {epoch + 1}" if epoch < run.args.epochs else "evaluates its last epoch"
         raise Interrupted(f"{what}; `python mtcp.py --resume --out-dir {run.args.out_dir}` {then}",
                           exit_code=code) from None
